@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each builds its own venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test lint format bench clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned by constraints.txt, so no later step can pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m jobs.demo
+	$(PY) -m serve.demo
+
+test: venv lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: venv
+	$(PY) -m benchmarks.decode
+	$(PY) -m benchmarks.data
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.serve_load
+
+clean:
+	rm -rf $(VENV) runs mlruns mlflow.db demo_out .pytest_cache

@@ -1,0 +1,46 @@
+"""Starting or joining Ray on purpose.
+
+A bare `ray.init()` joins whatever cluster `/tmp/ray/ray_current_cluster` names, even a
+dead one. Jobs therefore start their own local instance unless the user points them at a
+cluster with `RAY_ADDRESS` (which `ray job submit` sets for the driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None, *, namespace: str | None = None) -> str:
+    """Join `RAY_ADDRESS` if set, reuse an initialised Ray, else start a fresh local instance.
+
+    Returns a short description of what was joined, for the job's console output.
+    """
+    if ray.is_initialized():
+        return "existing Ray connection"
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    kwargs: dict = {"log_to_driver": True, "namespace": namespace}
+    if address:
+        ray.init(address=address, **kwargs)
+        return f"Ray cluster at {address}"
+    ray.init(
+        address="local",
+        num_cpus=num_cpus if num_cpus is not None else local_cpus(),
+        include_dashboard=False,
+        **kwargs,
+    )
+    return "a new local Ray instance"
+
+
+def local_cpus() -> int:
+    """Logical CPUs for a local instance: at least 4, so 2 train workers plus data tasks fit on 2 cores."""
+    return max(4, os.cpu_count() or 1)
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the joined cluster (CPU, GPU, memory...)."""
+    return dict(ray.cluster_resources())
