@@ -95,7 +95,7 @@ class DataConfig:
     max_caption_chars: int = 200
     num_samples: int = 0  # cap on training images; 0 = all
     val_fraction: float = 0.1  # held out when the folder has a single split
-    shuffle: Literal["none", "file", "block"] = "block"
+    shuffle: Literal["none", "file", "block"] = "file"  # "block" reads every shard before the first batch
     num_cpus_per_map: float = 0.5
     prefetch_batches: int = 2
 
@@ -187,12 +187,21 @@ class Config:
             problems.append(f"model.vocab_size={m.vocab_size}: the byte tokenizer has exactly 260 ids")
         query_tokens = len(m.query_text.encode("utf-8")) + 2
         if m.max_seq_length < max(query_tokens, 4):
-            problems.append(f"model.max_seq_length={m.max_seq_length} is shorter than the query ({query_tokens} tokens)")
+            problems.append(
+                f"model.max_seq_length={m.max_seq_length} is shorter than the query ({query_tokens} tokens)"
+            )
         for name in ("plan_dropout", "word_dropout"):
             if not 0.0 <= getattr(m, name) < 1.0:
                 problems.append(f"model.{name}={getattr(m, name)} must be in [0, 1)")
         if m.vision_backbone == "frozen" and o.jepa_weight > 0 and o.jepa_target == "ema_plan":
-            problems.append("objective.jepa_target=ema_plan needs a trainable vision encoder (model.vision_backbone=frozen)")
+            problems.append(
+                "objective.jepa_target=ema_plan needs a trainable vision encoder (model.vision_backbone=frozen)"
+            )
+        if m.bottleneck == "none" and (o.infonce_weight > 0 or (o.jepa_weight > 0 and o.jepa_target == "text")):
+            problems.append(
+                f"objective.infonce_weight={o.infonce_weight} / objective.jepa_target={o.jepa_target} embed captions "
+                "with the text encoder, which model.bottleneck=none does not build"
+            )
         if not 0.0 < o.jepa_mask_ratio < 1.0:
             problems.append(f"objective.jepa_mask_ratio={o.jepa_mask_ratio} must be in (0, 1)")
         if not 0.0 <= o.ema_decay < 1.0:
@@ -220,7 +229,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid: {', '.join(sorted(prefix + k for k in known))}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid: {', '.join(sorted(prefix + k for k in known))}"
+        )
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

@@ -1,0 +1,302 @@
+"""Load test of the Serve application over loopback HTTP: throughput and p50/p95/p99 latency.
+
+    python -m benchmarks.serve_load [--requests 192] [--max-seconds 60] [--concurrency 32] [--no-write]
+
+Two comparisons, run in one go on an untrained seed-config model (16.9M parameters, K=16, D=256, 64x64;
+random weights decode the full token budget every time, which is the worst case for latency):
+
+  (a) batching on (max_batch_size 32) vs off (max_batch_size 1) for both halves, 32 concurrent clients;
+  (b) the split path (HTTP -> ingress -> encoder -> plan bytes -> decoder) vs one deployment doing
+      image -> caption in-process, 1 client, batching off in both: the cost of the two extra hops.
+
+Every scenario is bounded by a request count and a wall-clock cap, and talks to 127.0.0.1 only.
+The figures are appended to benchmarks/RESULTS.md under "## Serving (issue 6)".
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real parameter types through Serve's ingress rewrite.
+import argparse
+import asyncio
+import io
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+from PIL import Image
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Serving (issue 6)"
+DATE = "2026-11-24"
+MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class Result:
+    name: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return (self.requests - self.errors) / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def row(self) -> str:
+        return (
+            f"| {self.name} | {self.requests} | {self.errors} | {self.throughput:.1f} | "
+            f"{self.pct(50):.1f} | {self.pct(95):.1f} | {self.pct(99):.1f} |"
+        )
+
+
+async def load(url: str, images: list[bytes], *, name: str, requests: int, concurrency: int, max_s: float) -> Result:
+    """`concurrency` clients in a closed loop until `requests` are sent or `max_s` passes."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + max_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal sent, errors
+            while sent < requests and time.perf_counter() < deadline:
+                image = images[sent % len(images)]
+                sent += 1
+                t0 = time.perf_counter()
+                r = await client.post(
+                    "/v1/caption",
+                    content=image,
+                    params={"max_new_tokens": MAX_NEW_TOKENS},
+                    headers={"Content-Type": "image/png"},
+                )
+                if r.status_code == 200:
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return Result(name, sent, errors, seconds, latencies)
+
+
+def random_pngs(n: int, size: int = 64) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def seed_checkpoint(folder: Path) -> Path:
+    import torch
+
+    from model.checkpoint import save_model
+    from model.config import load_config
+    from model.model import build_model
+
+    cfg = load_config("seed_run2")
+    torch.manual_seed(0)
+    path = folder / "model.safetensors"
+    save_model(path, build_model(cfg.model), cfg)
+    return path
+
+
+def fused_deployment():
+    """One deployment doing image -> plan -> bytes -> plan -> caption in-process: the no-split baseline."""
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(name="Fused", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+    @serve.ingress(app)
+    class Fused:
+        def __init__(self, path: str, max_batch_size: int) -> None:
+            import torch
+
+            from model.checkpoint import load_model
+            from model.tokenizer import ByteTokenizer
+            from model.transform import ImageTransform
+
+            torch.set_num_threads(1)
+            loaded = load_model(path)
+            self.model, self.fingerprint = loaded.model, loaded.fingerprint
+            self.transform = ImageTransform(loaded.config.model.image_size)
+            self.tokenizer = ByteTokenizer(loaded.config.model.max_seq_length)
+            self.run_batch.set_max_batch_size(max_batch_size)
+
+        @app.post("/v1/caption")
+        async def caption(self, request: Request, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+            pixels = await asyncio.to_thread(self.transform, await request.body())
+            return {"caption": await self.run_batch((pixels, max_new_tokens))}
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def run_batch(self, items: list) -> list[str]:
+            return await asyncio.to_thread(self.work, items)
+
+        def work(self, items: list) -> list[str]:
+            import torch
+
+            from model.codec import decode_plan, encode_plan
+            from model.generation import generate
+
+            with torch.inference_mode():
+                plans = self.model.encoder(torch.stack([p for p, _ in items]))  # (B, K, D)
+                wire = [encode_plan(p, fingerprint=self.fingerprint) for p in plans]  # the same codec work
+                plans = torch.stack([decode_plan(w, expect_fingerprint=self.fingerprint) for w in wire])
+                tokens = generate(self.model.decoder, plans, max_new_tokens=max(n for _, n in items))
+            return self.tokenizer.decode_batch(tokens)
+
+    return Fused
+
+
+def split_app(path: Path, batch: int):
+    from serve.app import build_app
+
+    user_config = {"max_batch_size": batch, "batch_wait_timeout_s": 0.005}
+    model_opts = {"ray_actor_options": {"num_cpus": 1}, "user_config": user_config, "max_ongoing_requests": 256}
+    return build_app(
+        {
+            "model": str(path),
+            "torch_threads": 1,
+            "deployment_options": {"PlanEncoder": model_opts, "PlanDecoder": model_opts},
+        }
+    )
+
+
+def wait_ready(url: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    image = random_pngs(1)[0]
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(f"{url}/v1/caption", content=image, params={"max_new_tokens": 2}, timeout=30)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not become ready in {timeout_s}s")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {system}, Python {platform.python_version()}"
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this benchmark's own section of RESULTS.md, leaving the others untouched."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = old.find(SECTION)
+    if start == -1:
+        new = old.rstrip() + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + (old[end + 1 :] if end != -1 else "")
+    RESULTS.write_text(new.rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=192, help="requests per throughput scenario")
+    parser.add_argument("--latency-requests", type=int, default=60, help="sequential requests per latency scenario")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="wall-clock cap per scenario")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
+    args = parser.parse_args(argv)
+
+    os.environ.pop("RAY_ADDRESS", None)  # loopback only: never a remote cluster
+    load_before = os.getloadavg()[0]
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    images = random_pngs(16)
+    results: list[Result] = []
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    path = seed_checkpoint(tmp)
+
+    def run(name: str, concurrency: int, requests: int) -> Result:
+        asyncio.run(load(url, images, name=name, requests=4, concurrency=min(4, concurrency), max_s=60))  # warm-up
+        result = asyncio.run(
+            load(url, images, name=name, requests=requests, concurrency=concurrency, max_s=args.max_seconds)
+        )
+        print(result.row(), flush=True)
+        results.append(result)
+        return result
+
+    try:
+        header = "| scenario | requests | errors | req/s | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|"
+        print(header)
+        c = args.concurrency
+        serve.run(split_app(path, batch=32), name="bench", route_prefix="/")
+        wait_ready(url)
+        on = run(f"split, batching on (32), {c} clients", c, args.requests)
+        serve.run(split_app(path, batch=1), name="bench", route_prefix="/")  # user_config only: reconfigure()
+        wait_ready(url)
+        off = run(f"split, batching off, {c} clients", c, args.requests)
+        split_lat = run("split, batching off, 1 client", 1, args.latency_requests)
+        serve.delete("bench")
+        serve.run(fused_deployment().bind(str(path), 1), name="fused", route_prefix="/")
+        wait_ready(url)
+        fused_lat = run("single deployment, batching off, 1 client", 1, args.latency_requests)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    load_after = os.getloadavg()[0]
+    speedup = on.throughput / off.throughput
+    added = split_lat.pct(50) - fused_lat.pct(50)
+    table = "\n".join([header, *(r.row() for r in results)])
+    summary = (
+        f"- batching speed-up at {c} clients: **{speedup:.2f}x** throughput (target >= 3x)\n"
+        f"- split encoder -> decoder vs one deployment: **{added:+.1f} ms** at p50 (target < 5 ms)"
+    )
+    print("\n" + summary)
+    text = (
+        f"{SECTION}\n\n"
+        f"Command: `python -m benchmarks.serve_load` (requests {args.requests} per throughput scenario, "
+        f"{args.latency_requests} per latency scenario, cap {args.max_seconds:g} s each)  \n"
+        f"Machine: {machine()}  \nDate: {DATE}  \n"
+        f"1-minute load average before/after: {load_before:.1f} / {load_after:.1f} (figures from a busy machine are "
+        "not comparable with a quiet one; rerun on an idle machine for the targets)\n\n"
+        f"Untrained seed-config model (D=256, K=16, 64x64), {MAX_NEW_TOKENS} new tokens per request (random weights "
+        f"never emit EOS, so every request decodes the full budget), plan fp16 ({16 * 256 * 2 + 18} bytes); one CPU "
+        "and one torch thread per model replica; client, proxy and replicas share the machine over loopback.\n\n"
+        f"{table}\n\n{summary}\n"
+    )
+    if not args.no_write:
+        write_section(text)
+        print(f"\nwrote {SECTION!r} in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Training and evaluation input from a prepared folder (see jobs/prepare.py for the layout).
+
+    ROOT/<cfg.data.train_split>/part-*.parquet + manifest.json
+    ROOT/<cfg.data.val_split>/...      optional: without it, cfg.data.val_fraction of the train images
+                                       (chosen by a fixed hash of image_id) is held out as validation
+
+Ray Data path (training, inside Ray Train):
+
+    build_train_dataset(root, cfg)      streaming read -> per-epoch shuffle -> map_batches on CPU:
+                                        one random caption per image per epoch, decode, resize, normalise,
+                                        tokenise -> {"images" (3, S, S) float32, "caption_ids" (T,) int64,
+                                        "caption_mask" (T,) bool, "image_id" int64}, T = model.max_seq_length
+    build_eval_dataset(root, cfg)       every caption of each validation image: "caption_ids" (R, T), ...
+    torch_batches(shard, batch, cfg)    the worker side: get_dataset_shard("train") -> dicts of tensors
+
+Plain path (evaluation, serving demos; pyarrow only): load_split / load_eval_split -> EvalSet.
+
+Shuffling, measured by `python -m benchmarks.data` (figures in benchmarks/RESULTS.md): `data.shuffle=file`
+reseeds the shard order every epoch and streams with no barrier; `block` (randomize_block_order) is an
+all-to-all step that reads every shard before the first batch; Ray's local shuffle buffer adds latency and
+copies. Both modes also permute the rows inside each map batch, which is free. `none`: fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from model.config import Config
+from model.tokenizer import PAD, ByteTokenizer
+from model.transform import normalize_uint8, open_image, resize_center_crop, to_tensor
+
+if TYPE_CHECKING:
+    import ray.data
+
+SCHEMA_VERSION = 1  # the manifest schema this reader understands (jobs/prepare.py writes it)
+MANIFEST = "manifest.json"
+MAP_BATCH_ROWS = 256  # rows per map_batches call: big enough to amortise the call, small enough to stream
+
+
+class DataError(Exception):
+    """A prepared folder that cannot be read: missing, incomplete or from an incompatible schema."""
+
+
+# ---------------------------------------------------------------------------
+# Locating splits
+
+
+def read_manifest(split_dir: str | Path) -> dict:
+    """The manifest of one prepared split, after checking that it is complete and readable."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataError(f"prepared split folder {split_dir} does not exist (run `python -m jobs.prepare` first)")
+    path = split_dir / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{split_dir} has no {MANIFEST}: it is not a prepared split, or its prepare run did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise DataError(f"{path} has schema_version {version!r}; this code reads {SCHEMA_VERSION} (re-run prepare)")
+    missing = [s["name"] for s in manifest["shards"] if not (split_dir / s["name"]).is_file()]
+    if missing:
+        raise DataError(f"{split_dir} is incomplete: shard(s) {', '.join(missing)} listed in {MANIFEST} are missing")
+    return manifest
+
+
+def shard_paths(split_dir: str | Path) -> list[str]:
+    """Absolute paths of a split's shards, in manifest (= image id) order."""
+    split_dir = Path(split_dir).resolve()
+    return [str(split_dir / s["name"]) for s in read_manifest(split_dir)["shards"]]
+
+
+def resolve_splits(data_dir: str | Path, cfg: Config) -> tuple[Path, Path | None]:
+    """(train folder, validation folder or None) for a prepared root.
+
+    Without a ROOT/<val_split> folder, the validation folder is the train folder itself and the
+    `cfg.data.val_fraction` held-out rows (`heldout_mask`) are the validation set; the train
+    dataset then leaves them out. None only when there is no val split and val_fraction is 0.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"prepared data folder {root} does not exist")
+    train = root / cfg.data.train_split
+    if not train.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
+        raise DataError(
+            f"no split {cfg.data.train_split!r} in {root} (prepared splits there: {', '.join(found) or 'none'}); "
+            f"set --data.train_split"
+        )
+    read_manifest(train)
+    val = root / cfg.data.val_split
+    if val.is_dir() and val != train:
+        read_manifest(val)
+        return train, val
+    return train, (train if cfg.data.val_fraction > 0 else None)
+
+
+def _holdout(data_dir: str | Path, cfg: Config) -> tuple[Path, Path | None, float]:
+    """resolve_splits plus the held-out fraction in force (0 when a separate val split exists)."""
+    train, val = resolve_splits(data_dir, cfg)
+    return train, val, (cfg.data.val_fraction if val == train else 0.0)
+
+
+def heldout_mask(image_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """True for the images held out as validation: a fixed hash of the id, so stable across runs and machines."""
+    x = np.asarray(image_ids, dtype=np.int64).astype(np.uint64)
+    # splitmix64 finaliser: consecutive ids map to well-spread 64-bit values
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which rows of a split a dataset reads: shard files, the hold-out rule and an id ceiling for the cap."""
+
+    files: list[str]
+    fraction: float  # held-out fraction (0 = none)
+    keep_heldout: bool  # True: the held-out rows (validation); False: the rest (training)
+    max_id: int  # rows with a larger image_id are dropped (num_samples cap); -1 = no rows
+    rows: int  # exactly how many rows the dataset yields per epoch
+
+
+def plan_rows(split_dir: Path, fraction: float, keep_heldout: bool, cap: int = 0) -> RowPlan:
+    """Decide the rows on the driver from the image_id column alone, so every epoch reads the same set.
+
+    The cap keeps the first `cap` eligible images by id (not "whatever streams in first").
+    """
+    files, ids_per_file = [], []
+    for path in shard_paths(split_dir):
+        ids = pq.read_table(path, columns=["image_id"])["image_id"].to_numpy()
+        if fraction > 0:
+            ids = ids[heldout_mask(ids, fraction) == keep_heldout]
+        files.append(path)
+        ids_per_file.append(ids)
+    all_ids = np.concatenate(ids_per_file) if ids_per_file else np.zeros(0, dtype=np.int64)
+    if cap > 0:
+        all_ids = all_ids[:cap]  # shards are sorted by id, so this is the lowest ids
+    if len(all_ids) == 0:
+        return RowPlan([], fraction, keep_heldout, -1, 0)
+    max_id = int(all_ids[-1])
+    needed = [f for f, ids in zip(files, ids_per_file, strict=True) if len(ids) and ids[0] <= max_id]
+    return RowPlan(needed, fraction, keep_heldout, max_id, len(all_ids))
+
+
+def dataset_sizes(data_dir: str | Path, cfg: Config) -> tuple[int, int]:
+    """(training rows per epoch, validation images) exactly as the datasets will yield them."""
+    train, val, fraction = _holdout(data_dir, cfg)
+    n_train = plan_rows(train, fraction, False, cfg.data.num_samples).rows
+    n_val = 0 if val is None else plan_rows(val, fraction, True).rows
+    return n_train, n_val
+
+
+# ---------------------------------------------------------------------------
+# Ray Data: training and validation datasets
+
+
+def build_train_dataset(data_dir: str | Path, cfg: Config) -> ray.data.Dataset:
+    """Streaming training dataset; every execution (epoch) reshuffles and redraws one caption per image."""
+    import ray.data
+
+    train, _val, fraction = _holdout(data_dir, cfg)
+    plan = plan_rows(train, fraction, keep_heldout=False, cap=cfg.data.num_samples)
+    if plan.rows == 0:
+        raise DataError(
+            f"no training rows in {train} (held-out fraction {fraction}, num_samples {cfg.data.num_samples})"
+        )
+    seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+    shuffle_files = ray.data.FileShuffleConfig(seed=cfg.train.seed) if cfg.data.shuffle == "file" else None
+    ds = _read_shards(plan.files, shuffle_files)
+    if cfg.data.shuffle == "block":
+        ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(
+        _train_batch,
+        fn_kwargs={"plan": plan, "cfg": _MapConfig.from_config(cfg), "permute": cfg.data.shuffle != "none"},
+        batch_size=MAP_BATCH_ROWS,
+        batch_format="numpy",
+        num_cpus=cfg.data.num_cpus_per_map,
+        zero_copy_batch=True,
+    )
+
+
+def build_eval_dataset(data_dir: str | Path, cfg: Config, *, limit: int = 0) -> ray.data.Dataset | None:
+    """Validation images in id order, each with every caption: "caption_ids"/"caption_mask" are (R, T).
+
+    R = the most captions any image of the split has; rows beyond an image's "num_captions" are all PAD
+    with an all-False mask. None when the config has no validation data.
+    """
+    _train, val, fraction = _holdout(data_dir, cfg)
+    if val is None:
+        return None
+    plan = plan_rows(val, fraction, keep_heldout=True, cap=limit)
+    if plan.rows == 0:
+        return None
+    refs = int(read_manifest(val)["max_captions_per_image"])
+    ds = _read_shards(plan.files, None)
+    ds.context.execution_options.preserve_order = True  # this dataset's own context copy: rows in id order
+    return ds.map_batches(
+        _eval_batch,
+        fn_kwargs={"plan": plan, "cfg": _MapConfig.from_config(cfg), "refs": refs},
+        batch_size=MAP_BATCH_ROWS,
+        batch_format="numpy",
+        num_cpus=cfg.data.num_cpus_per_map,
+        zero_copy_batch=True,
+    )
+
+
+def _read_shards(files: list[str], shuffle: Any) -> ray.data.Dataset:
+    """One block per shard, only the columns training needs.
+
+    Uses Ray's file-based Parquet reader: the default DataSource V2 path starts 32 footer-reader
+    actors on every execution (every epoch), which took ~20 s per epoch on a 2-core machine against
+    ~0.3 s here (see benchmarks/RESULTS.md).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=len(files))
+    finally:
+        ctx.use_datasource_v2 = previous
+    return ds.select_columns(["image_id", "image", "captions"])
+
+
+def torch_batches(shard: Any, batch_size: int, cfg: Config, *, device: Any = "auto"):
+    """Worker side: `torch_batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg)` -> dicts of tensors."""
+    return shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=cfg.data.prefetch_batches, device=device)
+
+
+@dataclass(frozen=True)
+class _MapConfig:
+    """The few config values the map tasks need (small to ship with every task)."""
+
+    image_size: int
+    max_seq_length: int
+    max_caption_chars: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> _MapConfig:
+        return cls(cfg.model.image_size, cfg.model.max_seq_length, cfg.data.max_caption_chars)
+
+
+def _select(batch: dict[str, np.ndarray], plan: RowPlan) -> np.ndarray:
+    """Indices of the batch rows this dataset keeps (hold-out rule and id ceiling)."""
+    ids = batch["image_id"]
+    keep = ids <= plan.max_id
+    if plan.fraction > 0:
+        keep &= heldout_mask(ids, plan.fraction) == plan.keep_heldout
+    return np.flatnonzero(keep)
+
+
+def _train_batch(
+    batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: _MapConfig, permute: bool
+) -> dict[str, np.ndarray]:
+    """Runs in a Ray Data task: pick rows, draw a caption each, decode images, tokenise."""
+    rows = _select(batch, plan)
+    # A fresh OS-seeded generator per call: the caption draw and row order differ every epoch.
+    rng = np.random.default_rng()
+    if permute:
+        rows = rng.permutation(rows)
+    captions = [batch["captions"][i] for i in rows]
+    drawn = [str(caps[rng.integers(len(caps))]) for caps in captions]
+    ids, mask = encode_captions(drawn, cfg.max_seq_length, cfg.max_caption_chars)  # (B, T) each
+    return {
+        "images": decode_images([batch["image"][i] for i in rows], cfg.image_size),  # (B, 3, S, S)
+        "caption_ids": ids,
+        "caption_mask": mask,
+        "image_id": batch["image_id"][rows].astype(np.int64),
+    }
+
+
+def _eval_batch(batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: _MapConfig, refs: int) -> dict[str, np.ndarray]:
+    rows = _select(batch, plan)
+    n, t = len(rows), cfg.max_seq_length
+    ids = np.full((n, refs, t), PAD, dtype=np.int64)  # (B, R, T)
+    mask = np.zeros((n, refs, t), dtype=bool)
+    counts = np.zeros(n, dtype=np.int64)
+    for j, i in enumerate(rows):
+        caps = [str(c) for c in batch["captions"][i]][:refs]
+        counts[j] = len(caps)
+        ids[j, : len(caps)], mask[j, : len(caps)] = encode_captions(caps, t, cfg.max_caption_chars)
+    return {
+        "images": decode_images([batch["image"][i] for i in rows], cfg.image_size),
+        "caption_ids": ids,
+        "caption_mask": mask,
+        "num_captions": counts,
+        "image_id": batch["image_id"][rows].astype(np.int64),
+    }
+
+
+def encode_captions(texts: list[str], max_len: int, max_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captions -> ids (B, T) int64 padded with PAD to exactly T = max_len, mask (B, T) bool."""
+    tok = ByteTokenizer(max_len)
+    ids = np.full((len(texts), max_len), PAD, dtype=np.int64)
+    for row, text in enumerate(texts):
+        seq = tok.encode(text[:max_chars])
+        ids[row, : len(seq)] = seq
+    return ids, ids != PAD
+
+
+def decode_images(blobs: list[bytes], size: int) -> np.ndarray:
+    """Stored image bytes -> (B, 3, S, S) float32, ImageNet-normalised (the model transform, batched)."""
+    if not blobs:
+        return np.zeros((0, 3, size, size), dtype=np.float32)
+    pixels = np.stack([np.asarray(resize_center_crop(open_image(b, draft_size=size), size)) for b in blobs])
+    return normalize_uint8(pixels)  # (B, H, W, 3) uint8 -> (B, 3, S, S)
+
+
+# ---------------------------------------------------------------------------
+# Plain reader (no Ray): evaluation and serving demos
+
+
+@dataclass
+class EvalSet:
+    """A whole split in memory: images (N, 3, S, S) with all their captions and category ids."""
+
+    image_ids: list[int]
+    images: torch.Tensor
+    captions: list[list[str]]
+    category_ids: list[list[int]]
+    file_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def load_split(
+    data_dir: str | Path, split: str, image_size: int, *, limit: int = 0, heldout: tuple[float, bool] | None = None
+) -> EvalSet:
+    """Read ROOT/<split> with pyarrow and decode every image to (3, S, S); `limit` > 0 keeps the first N by id.
+
+    `heldout=(fraction, keep_heldout)` applies the hold-out rule of `heldout_mask`.
+    """
+    split_dir = Path(data_dir) / split
+    out = EvalSet([], torch.zeros(0, 3, image_size, image_size), [], [], [])
+    images: list[torch.Tensor] = []
+    for path in shard_paths(split_dir):
+        table = pq.read_table(path)
+        ids = table["image_id"].to_numpy()
+        keep = np.ones(len(ids), dtype=bool)
+        if heldout is not None and heldout[0] > 0:
+            keep = heldout_mask(ids, heldout[0]) == heldout[1]
+        cols = {name: table[name].to_pylist() for name in ("file_name", "captions", "category_ids", "image")}
+        for i in np.flatnonzero(keep):
+            if limit and len(out.image_ids) >= limit:
+                break
+            out.image_ids.append(int(ids[i]))
+            out.file_names.append(cols["file_name"][i])
+            out.captions.append(list(cols["captions"][i]))
+            out.category_ids.append(list(cols["category_ids"][i]))
+            images.append(
+                to_tensor(resize_center_crop(open_image(cols["image"][i], draft_size=image_size), image_size))
+            )
+    if images:
+        out.images = torch.stack(images)  # (N, 3, S, S)
+    return out
+
+
+def load_eval_split(data_dir: str | Path, cfg: Config, *, limit: int = 0) -> EvalSet | None:
+    """The validation set of a config (val split, or the held-out part of train) at cfg.model.image_size."""
+    train, val, fraction = _holdout(data_dir, cfg)
+    if val is None:
+        return None
+    return load_split(
+        val.parent, val.name, cfg.model.image_size, limit=limit, heldout=(fraction, True) if fraction else None
+    )

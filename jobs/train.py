@@ -1,0 +1,312 @@
+"""Train the VL-JEPA captioner with Ray Train (Train V2 API), tracked in MLflow.
+
+    python -m jobs.train --preset shapes --data data/shapes-prepared [--train.epochs=30 ...]
+    ray job submit --working-dir . -- python -m jobs.train --preset seed_run2 --data /shared/coco-prepared
+
+The driver checks everything it can before touching Ray (config keys, the prepared data folder and
+its manifest), then joins or starts Ray and checks the cluster can host the worker group (Ray
+would otherwise wait forever for GPUs that never come). It builds a `TorchTrainer` whose workers
+run `jobs.train_loop.train_loop_per_worker`, streams the training split to them as a Ray Dataset,
+and keeps the best N epoch checkpoints under `<storage>/<run name>`.
+
+Resuming: Train V2 keeps a checkpoint-manager snapshot in the run folder; a trainer built with the
+same run name and storage path finds it and hands its latest checkpoint to the new workers, which
+restore weights, optimizer, schedule, epoch and RNG and continue with the next epoch. The same
+mechanism restarts the worker group from the last checkpoint after a worker dies (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the default in Ray 2.60; explicit for older configs
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from jobs import dataset  # noqa: E402
+from jobs.runtime import ensure_ray  # noqa: E402
+from jobs.train_loop import train_loop_per_worker  # noqa: E402
+from model.config import PRESETS, Config, ConfigError, load_config  # noqa: E402
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Train V2's record of reported checkpoints
+FORWARDED_ENV_PREFIX = "VLJEPA_"  # driver env vars copied to the workers (test hooks, autoscaling hint)
+AUTOSCALING_ENV = "VLJEPA_EXPECT_AUTOSCALING"  # "1": the cluster adds nodes on demand; skip the GPU check
+
+
+class PreflightError(RuntimeError):
+    """The cluster cannot run this config: raised before any worker is requested."""
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: str | None  # the best checkpoint folder (model.safetensors + train_state.pt)
+    metrics: dict[str, Any]  # the last reported epoch
+    mlflow_run_id: str | None
+    model_uri: str | None  # models:/NAME/VERSION of the registered version, None if not registered
+    alias_uri: str | None = None  # models:/NAME@ALIAS
+    run_name: str = ""
+    storage_path: str = ""
+    tracking_uri: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics of the kept checkpoints
+
+
+# ---------------------------------------------------------------------------
+# Checks that must fail fast
+
+
+def check_data(cfg: Config, data_dir: str) -> tuple[int, int]:
+    """(training rows, validation images) after checking the prepared folder, its manifests and the
+    configured splits (DataError otherwise)."""
+    dataset.resolve_splits(data_dir, cfg)
+    n_train, n_val = dataset.dataset_sizes(data_dir, cfg)
+    if n_train == 0:
+        raise dataset.DataError(f"{data_dir}: the training split has no rows for this config")
+    return n_train, n_val
+
+
+def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> None:
+    """Raise PreflightError when the joined cluster cannot host the worker group and its data tasks."""
+    res = dict(ray.cluster_resources()) if resources is None else resources
+    t = cfg.train
+    if _autoscaling_expected():
+        return
+    if t.use_gpu and res.get("GPU", 0) < t.num_workers:
+        raise PreflightError(
+            f"train.use_gpu=true with train.num_workers={t.num_workers} needs {t.num_workers} GPU(s), but the "
+            f"Ray cluster has {res.get('GPU', 0):g} and no autoscaler to add more. Run with --train.use_gpu=false, "
+            f"join a GPU cluster (RAY_ADDRESS), or set {AUTOSCALING_ENV}=1 if nodes are added on demand."
+        )
+    need = t.num_workers * t.cpus_per_worker
+    have = res.get("CPU", 0)
+    if need > have:
+        raise PreflightError(
+            f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g} needs {need:g} CPUs, "
+            f"but the Ray cluster has {have:g}"
+        )
+    if have - need < cfg.data.num_cpus_per_map:
+        raise PreflightError(
+            f"the workers take {need:g} of {have:g} CPUs, leaving less than data.num_cpus_per_map="
+            f"{cfg.data.num_cpus_per_map:g} for Ray Data's decode tasks: lower train.cpus_per_worker or num_workers"
+        )
+
+
+def _autoscaling_expected() -> bool:
+    """An autoscaling cluster may add GPU nodes later: on a launcher head node, or when told so."""
+    if os.environ.get(AUTOSCALING_ENV, "") == "1":
+        return True
+    return Path("~/ray_bootstrap_config.yaml").expanduser().exists()  # written by `ray up` on the head
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+
+
+def resolve_storage(cfg: Config, storage_path: str | None = None) -> str:
+    """Storage for checkpoints: argument, config, else an absolute ./runs (workers run elsewhere)."""
+    path = storage_path or cfg.train.storage_path or "runs"
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def run_exists(storage_path: str, run_name: str) -> bool:
+    """Whether Train V2 left a snapshot for this run: then a new trainer resumes it."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path if "://" in storage_path else Path(storage_path).as_uri())
+    info = fs.get_file_info(f"{root.rstrip('/')}/{run_name}/{SNAPSHOT_FILE}")
+    return info.type == pyarrow.fs.FileType.File
+
+
+def make_trainer(
+    cfg: Config,
+    data_dir: str,
+    *,
+    run_name: str,
+    storage_path: str | None = None,
+    mlflow_parent_run_id: str | None = None,
+    callbacks: Sequence[Any] | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for this config; opens (or re-opens, when resuming) its MLflow run.
+
+    The MLflow run id is in `trainer.train_loop_config["mlflow_run_id"]` and in every reported metrics
+    dict of rank 0; pass the trainer to `finish_training` after `fit()` to log and register the model.
+    """
+    n_train, n_val = check_data(cfg, data_dir)
+    storage = resolve_storage(cfg, storage_path)
+    tracking_uri, run_id = None, None
+    if cfg.tracking.enabled:
+        from jobs.tracking import open_run
+
+        tracking_uri, run_id = open_run(
+            cfg,
+            run_name=run_name,
+            run_key=f"{storage}/{run_name}",
+            resume=run_exists(storage, run_name),
+            parent_run_id=mlflow_parent_run_id,
+        )
+    train_ds = dataset.build_train_dataset(str(Path(data_dir).resolve()), cfg)
+    # Each worker's shard holds n_train / num_workers rows in batches of batch_size / num_workers.
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.train.batch_size))
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "data_dir": str(Path(data_dir).resolve()),
+        "steps_per_epoch": steps_per_epoch,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+    }
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
+    run_config = ray.train.RunConfig(
+        name=run_name,
+        storage_path=storage,
+        # Keep the best N by validation CE (the latest is always kept too: it is what a resume needs).
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=max(1, cfg.train.keep_checkpoints),
+            checkpoint_score_attribute="val_ce" if n_val else None,
+            checkpoint_score_order="min",
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks or []),
+        worker_runtime_env={"env_vars": env} if env else None,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        run_config=run_config,
+        datasets={"train": train_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def finish_training(cfg: Config, trainer: TorchTrainer, result: Any, *, register: bool = True) -> TrainResult:
+    """After `fit()`: pick the best checkpoint, log it to MLflow, register the model, close the run."""
+    best = result.best_checkpoints or []
+    if cfg.train.keep_checkpoints and best:
+        scored = [(c, m) for c, m in best if isinstance(m.get("val_ce"), int | float)]
+        checkpoint = min(scored, key=lambda cm: cm[1]["val_ce"])[0] if scored else best[-1][0]
+    else:
+        checkpoint = result.checkpoint
+    checkpoint_dir = checkpoint.path if checkpoint is not None else None
+    loop_config = trainer.train_loop_config
+    run_id, tracking_uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+    metrics = dict(result.metrics or {})
+    out = TrainResult(
+        checkpoint_dir=checkpoint_dir,
+        metrics=metrics,
+        mlflow_run_id=run_id,
+        model_uri=None,
+        run_name=trainer.run_config.name,
+        storage_path=trainer.run_config.storage_path,
+        tracking_uri=tracking_uri,
+        history=[dict(m) for _, m in best],
+    )
+    if run_id and checkpoint_dir:
+        from jobs.tracking import finish_run, log_and_register
+
+        registered = log_and_register(cfg, tracking_uri, run_id, checkpoint_dir, metrics) if register else None
+        if registered is not None:
+            out.model_uri, out.alias_uri = registered.uri, registered.alias_uri
+        finish_run(tracking_uri, run_id)
+    return out
+
+
+def run_training(
+    cfg: Config,
+    data_dir: str,
+    *,
+    run_name: str | None = None,
+    storage_path: str | None = None,
+    mlflow_parent_run_id: str | None = None,
+    register: bool = True,
+) -> TrainResult:
+    """Check, build, fit, log and register: the whole training job, for callers already in Python."""
+    check_data(cfg, data_dir)
+    ensure_ray()
+    check_cluster(cfg)
+    name = run_name or cfg.train.run_name or default_run_name(cfg)
+    trainer = make_trainer(
+        cfg, data_dir, run_name=name, storage_path=storage_path, mlflow_parent_run_id=mlflow_parent_run_id
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        run_id = trainer.train_loop_config.get("mlflow_run_id")
+        if run_id:
+            from jobs.tracking import finish_run
+
+            finish_run(trainer.train_loop_config["tracking_uri"], run_id, status="FAILED")
+        raise
+    return finish_training(cfg, trainer, result, register=register)
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Train the VL-JEPA captioner with Ray Train; --section.key=value arguments override the preset.",
+    )
+    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--data", required=True, help="prepared data folder (python -m jobs.prepare --out ...)")
+    parser.add_argument("--run-name", default=None, help="same name again resumes that run (default: train.run_name)")
+    parser.add_argument("--storage", default=None, help="checkpoint storage path or URI (default: train.storage_path)")
+    parser.add_argument("--no-register", action="store_true", help="log to MLflow but do not register a version")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.preset, overrides)
+        check_data(cfg, args.data)
+    except (ConfigError, dataset.DataError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    where = ensure_ray()
+    try:
+        check_cluster(cfg)
+    except PreflightError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"train: preset {cfg.preset} on {where}; {cfg.train.num_workers} worker(s), gpu={cfg.train.use_gpu}")
+    result = run_training(
+        cfg, args.data, run_name=args.run_name, storage_path=args.storage, register=not args.no_register
+    )
+    print_summary(result)
+    return 0
+
+
+def print_summary(result: TrainResult) -> None:
+    m = result.metrics
+    print(f"train: run {result.run_name} finished at epoch {m.get('epoch')}")
+    for key in ("train_loss", "train_ce", "val_ce", "greedy_unique_pct", "exact_match_pct"):
+        if key in m:
+            print(f"  {key:18s} {m[key]:.4f}")
+    print(f"  best checkpoint    {result.checkpoint_dir}")
+    if result.mlflow_run_id:
+        from jobs.tracking import ui_command
+
+        print(f"  mlflow run         {result.mlflow_run_id}")
+        print(f"  registered model   {result.alias_uri or '(not registered)'} ({result.model_uri})")
+        print(f"  browse with        {ui_command(result.tracking_uri or '')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

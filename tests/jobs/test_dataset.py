@@ -1,0 +1,177 @@
+"""Training/eval input: splits and hold-out, per-epoch caption draw and shuffle, exact tensors, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from jobs.dataset import (
+    DataError,
+    build_eval_dataset,
+    build_train_dataset,
+    dataset_sizes,
+    encode_captions,
+    heldout_mask,
+    load_eval_split,
+    load_split,
+    read_manifest,
+    resolve_splits,
+    torch_batches,
+)
+from model.config import load_config
+from model.tokenizer import BOS, EOS, PAD, ByteTokenizer
+from model.transform import ImageTransform
+
+SHAPES_CFG = ["--model.image_size=32", "--model.max_seq_length=48"]
+
+
+def _captions_by_id(shapes_coco, split: str) -> dict[int, list[str]]:
+    coco = COCO(str(shapes_coco / "annotations" / f"captions_{split}.json"))
+    return {i: [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[i]))] for i in coco.getImgIds()}
+
+
+def _epoch(ds) -> dict[str, torch.Tensor]:
+    batches = list(ds.iter_torch_batches(batch_size=32))
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+# ---------------------------------------------------------------------------
+# No Ray
+
+
+def test_heldout_mask_is_stable_and_nested():
+    ids = np.arange(1, 20_001)
+    ten, twenty = heldout_mask(ids, 0.1), heldout_mask(ids, 0.2)
+    assert 0.09 < ten.mean() < 0.11 and 0.19 < twenty.mean() < 0.21
+    assert not (ten & ~twenty).any()  # growing the fraction only adds images
+    assert (heldout_mask(ids[::-1], 0.1) == ten[::-1]).all()  # depends on the id only
+    assert heldout_mask(np.array([123456789]), 0.5).tolist() == heldout_mask(np.array([123456789]), 0.5).tolist()
+
+
+def test_encode_captions_fixed_length_and_truncation():
+    ids, mask = encode_captions(["ab", "x" * 500, ""], max_len=12, max_chars=200)
+    assert ids.shape == mask.shape == (3, 12) and ids.dtype == np.int64 and mask.dtype == bool
+    assert ids[0, :4].tolist() == [BOS, ord("a") + 4, ord("b") + 4, EOS] and (ids[0, 4:] == PAD).all()
+    assert ids[1, -1] == EOS and mask[1].all()  # cut to T, EOS kept
+    assert ids[2, :2].tolist() == [BOS, EOS] and mask[2].sum() == 2
+    long_ids, _ = encode_captions(["y" * 500], max_len=400, max_chars=200)
+    assert (long_ids[0] != PAD).sum() == 202  # BOS + 200 chars + EOS: max_caption_chars applies first
+
+
+def test_resolve_splits_and_errors(prepared_shapes, tmp_path):
+    cfg = load_config("shapes")
+    assert resolve_splits(prepared_shapes, cfg) == (prepared_shapes / "train", prepared_shapes / "val")
+    assert dataset_sizes(prepared_shapes, cfg) == (180, 36)
+    held = load_config("shapes", ["--data.val_split=missing"])
+    assert resolve_splits(prepared_shapes, held) == (prepared_shapes / "train", prepared_shapes / "train")
+    n_train, n_val = dataset_sizes(prepared_shapes, held)
+    assert n_train + n_val == 180 and 5 <= n_val <= 35
+    none = load_config("shapes", ["--data.val_split=missing", "--data.val_fraction=0"])
+    assert resolve_splits(prepared_shapes, none) == (prepared_shapes / "train", None)
+
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_splits(tmp_path / "nowhere", cfg)
+    with pytest.raises(DataError, match=r"no split 'train2017' .*prepared splits there: train, val"):
+        resolve_splits(prepared_shapes, load_config("shapes", ["--data.train_split=train2017"]))
+
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared_shapes / "val", broken / "train")
+    manifest = json.loads((broken / "train" / "manifest.json").read_text())
+    (broken / "train" / "part-00000.parquet").unlink()
+    with pytest.raises(DataError, match="incomplete: shard"):
+        read_manifest(broken / "train")
+    (broken / "train" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(DataError, match="schema_version 99"):
+        read_manifest(broken / "train")
+    (broken / "train" / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest.json"):
+        resolve_splits(broken, cfg)
+
+
+def test_load_split_matches_sources(prepared_shapes, shapes_coco):
+    val = load_split(prepared_shapes, "val", 32)
+    expected = _captions_by_id(shapes_coco, "val")
+    assert val.image_ids == sorted(expected) and val.images.shape == (36, 3, 32, 32)
+    assert val.captions == [expected[i] for i in val.image_ids]
+    assert all(len(c) == 1 and 1 <= c[0] <= 18 for c in val.category_ids)
+    # Stored as lossless PNG at the source size: exactly the model transform of the original file.
+    transform = ImageTransform(32)
+    original = transform((shapes_coco / "val" / val.file_names[3]).read_bytes())
+    assert torch.equal(val.images[3], original)
+    assert len(load_split(prepared_shapes, "val", 16, limit=5)) == 5
+
+    held = load_config("shapes", ["--data.val_split=missing"])
+    heldout = load_eval_split(prepared_shapes, held)
+    assert heldout is not None and len(heldout) == dataset_sizes(prepared_shapes, held)[1]
+    assert heldout_mask(np.array(heldout.image_ids), 0.1).all()
+
+
+# ---------------------------------------------------------------------------
+# Ray Data
+
+
+@pytest.mark.ray
+def test_train_dataset_epochs(prepared_shapes, shapes_coco):
+    cfg = load_config("shapes", SHAPES_CFG)
+    ds = build_train_dataset(prepared_shapes, cfg)
+    captions = _captions_by_id(shapes_coco, "train")
+    tok = ByteTokenizer(48)
+    epochs = [_epoch(ds), _epoch(ds)]
+    for ep in epochs:
+        assert sorted(ep["image_id"].tolist()) == sorted(captions)  # every image exactly once per epoch
+        assert ep["images"].shape == (180, 3, 32, 32) and ep["images"].dtype == torch.float32
+        assert ep["caption_ids"].shape == (180, 48) and ep["caption_ids"].dtype == torch.int64
+        assert ep["caption_mask"].dtype == torch.bool and torch.equal(ep["caption_mask"], ep["caption_ids"] != PAD)
+        for image_id, ids in zip(ep["image_id"].tolist(), ep["caption_ids"], strict=True):
+            assert tok.decode(ids) in captions[image_id]
+    # The caption drawn for an image, and the order of images, change between epochs.
+    drawn = [dict(zip(ep["image_id"].tolist(), map(tuple, ep["caption_ids"].tolist()), strict=True)) for ep in epochs]
+    assert sum(drawn[0][i] != drawn[1][i] for i in captions) > 60  # 4/5 expected to differ: ~144
+    assert epochs[0]["image_id"].tolist() != epochs[1]["image_id"].tolist()
+    # Images arrive decoded and normalised exactly like the model transform does it.
+    first = epochs[0]["image_id"][0].item()
+    source = ImageTransform(32)((shapes_coco / "train" / f"{first:012d}.png").read_bytes())
+    assert torch.allclose(epochs[0]["images"][0], source, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_train_dataset_holdout_and_cap(prepared_shapes):
+    cfg = load_config("shapes", [*SHAPES_CFG, "--data.val_split=missing", "--data.num_samples=40"])
+    ds = build_train_dataset(prepared_shapes, cfg)
+    first = _epoch(ds)["image_id"].tolist()
+    # The second epoch goes through the worker-side helper on a DataIterator (what get_dataset_shard returns).
+    batches = list(torch_batches(ds.iterator(), 8, cfg))
+    assert batches[0]["images"].shape == (8, 3, 32, 32) and batches[0]["caption_ids"].shape == (8, 48)
+    second = torch.cat([b["image_id"] for b in batches]).tolist()
+    all_ids = np.arange(1, 181)
+    eligible = all_ids[~heldout_mask(all_ids, 0.1)]
+    assert sorted(first) == sorted(second) == eligible[:40].tolist()  # the same 40 lowest non-held-out ids
+    assert dataset_sizes(prepared_shapes, cfg)[0] == 40
+
+
+@pytest.mark.ray
+def test_eval_dataset_yields_every_caption(prepared_shapes, shapes_coco):
+    cfg = load_config("shapes", SHAPES_CFG)
+    ep = _epoch(build_eval_dataset(prepared_shapes, cfg))
+    captions = _captions_by_id(shapes_coco, "val")
+    assert ep["image_id"].tolist() == sorted(captions)  # id order, no shuffling
+    assert ep["caption_ids"].shape == (36, 5, 48) and ep["num_captions"].tolist() == [5] * 36
+    tok = ByteTokenizer(48)
+    by_id = defaultdict(list)
+    for image_id, refs in zip(ep["image_id"].tolist(), ep["caption_ids"], strict=True):
+        by_id[image_id] = tok.decode_batch(refs)
+    assert dict(by_id) == captions
+
+    held = load_config("shapes", [*SHAPES_CFG, "--data.val_split=missing"])
+    held_ids = _epoch(build_eval_dataset(prepared_shapes, held))["image_id"].numpy()
+    assert heldout_mask(held_ids, 0.1).all() and len(held_ids) == dataset_sizes(prepared_shapes, held)[1]
+    assert (
+        build_eval_dataset(prepared_shapes, load_config("shapes", ["--data.val_split=x", "--data.val_fraction=0"]))
+        is None
+    )

@@ -1,0 +1,185 @@
+"""Ray Tune sweeps on the real local Ray: real trials, ASHA stopping, a killed driver resuming.
+
+Every trial is a real TorchTrainer run (debug model, 1 worker) on the prepared shapes fixture,
+followed by the real evaluation; MLflow is a real sqlite store per test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import sweep_report
+from jobs.sweep import main, plan_resources
+from jobs.sweep_spaces import Space, expand, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray
+
+# Small and fast: 36 training images, concurrency 2 on the fixture's 4 logical CPUs.
+TINY = {"data.num_samples": 36, "train.batch_size": 8, "train.eval_samples": 1, "train.keep_checkpoints": 1}
+SHARE = ["--trial-cpus=0.5", "--data-cpus=0.5", "--eval-max-images=18"]
+
+
+def _space_file(tmp_path: Path, grid: dict, epochs: int) -> str:
+    path = tmp_path / "space.json"
+    spec = {"base_preset": "debug", "overrides": {**TINY, "train.epochs": epochs}, "grid": grid}
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _tracking(tmp_path: Path) -> list[str]:
+    return [f"--tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--tracking.registered_model=sweep-test"]
+
+
+def _rows(storage: Path, name: str) -> list[dict]:
+    return json.loads((storage / name / "report" / "rows.json").read_text())
+
+
+def test_concurrency_leaves_room_for_workers_and_data():
+    space = Space(name="c", base_preset="debug", grid={"model.num_latent_vectors": [2, 4, 8, 16]})
+    trials, _, _ = resolve(space, expand(space))
+    # 1 (Tune function) + 1 (worker) + 1 (data) = 3 CPUs a trial: 4 CPUs hold one, not four.
+    assert plan_resources(trials, {"CPU": 4.0}).concurrency == 1
+    assert plan_resources(trials, {"CPU": 4.0}, driver_cpus=0.5, data_cpus=0.5).concurrency == 2
+    assert plan_resources(trials, {"CPU": 64.0}, max_concurrent=3).concurrency == 3
+    assert plan_resources(trials, {"CPU": 64.0}).concurrency == 4  # never more than the trials
+    gpu_trials, _, _ = resolve(space, expand(space), {"train.use_gpu": True, "train.num_workers": 2})
+    # GPUs bind first: 8 GPUs / 2 per trial.
+    assert plan_resources(gpu_trials, {"CPU": 96.0, "GPU": 8.0}).concurrency == 4
+    starved = plan_resources(trials, {"CPU": 2.0})
+    assert starved.concurrency == 1 and "cannot hold one trial" in starved.why
+
+
+def test_report_table_best_row_and_plot(tmp_path):
+    rows = [
+        {"trial": "a", "model.num_latent_vectors": 4, "conditioning": "cross_attn", "K": 4, "bottleneck": "plan"},
+        {"trial": "b", "model.num_latent_vectors": 16, "conditioning": "cross_attn", "K": 16, "bottleneck": "plan"},
+        {"trial": "c", "model.num_latent_vectors": 16, "conditioning": "gated", "K": 16, "bottleneck": "plan"},
+        {"trial": "d", "model.num_latent_vectors": 4, "conditioning": "gated", "K": 4, "bottleneck": "none"},
+    ]
+    for row, ce, cider in zip(rows, (2.0, 1.5, float("nan"), 1.0), (0.1, 0.3, 0.9, 0.2), strict=True):
+        row.update(val_ce=ce, cider_d=cider, status="completed")
+    rows[3]["status"] = "stopped at 1/3"
+    assert sweep_report.best_row(rows, "val_ce", "min")["trial"] == "b"  # NaN and unfinished never win
+    assert sweep_report.best_row(rows, "cider_d", "max")["trial"] == "c"
+    assert sweep_report.default_mode("cider_d") == "max" and sweep_report.default_mode("val_ce") == "min"
+    cols = sweep_report.columns(rows, ["model.num_latent_vectors"])
+    assert cols[:3] == ["trial", "model.num_latent_vectors", "conditioning"] and "K" not in cols
+    md = sweep_report.markdown(rows, cols, title="t", metric="val_ce", mode="min", best=rows[1])
+    assert "| **best** b | 16 | cross_attn |" in md and "| - |" in md  # NaN shown as "-"
+    png = tmp_path / "plot.png"
+    assert sweep_report.plot(png, rows, metric="val_ce", title="t")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
+    assert not sweep_report.plot(tmp_path / "none.png", rows, metric="probe_accuracy", title="t")
+
+
+def test_invalid_point_exits_2_naming_values_before_launch(tmp_path, capsys):
+    space = _space_file(tmp_path, {"model.embed_dim": [32, 33]}, epochs=1)
+    rc = main(["--space", space, "--data", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "model.embed_dim=33 is not divisible by model.num_heads=2" in err
+    assert not (tmp_path / "runs").exists()  # nothing launched, nothing written
+
+
+def test_two_trial_sweep_gives_a_table_of_real_metrics(ray_local, prepared_shapes, tmp_path):
+    from mlflow import MlflowClient
+
+    storage = tmp_path / "runs"
+    space = _space_file(tmp_path, {"model.num_latent_vectors": [2, 8]}, epochs=1)
+    argv = ["--space", space, "--data", str(prepared_shapes), "--storage", str(storage), "--name", "two"]
+    rc = main([*argv, "--scheduler=fifo", *SHARE, *_tracking(tmp_path)])
+    assert rc == 0
+    rows = _rows(storage, "two")
+    assert len(rows) == 2 and {r["K"] for r in rows} == {2, 8}
+    for row in rows:
+        assert row["status"] == "completed"
+        for key in ("val_ce", "final_ce", "greedy_unique_pct", "cider_d", "probe_accuracy"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
+    assert rows[0]["val_ce"] != rows[1]["val_ce"]
+    assert sorted(r["plan_bytes"] for r in rows) == [2 * 32 * 2, 8 * 32 * 2]
+
+    report = storage / "two" / "report"
+    table = (report / "results.md").read_text()
+    assert "**best**" in table and table.count("| completed |") == 2
+    assert (report / "results.csv").read_text().count("\n") == 3
+    assert (report / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    # MLflow: one parent, two nested trial runs, exactly one registered version (the best trial's).
+    meta = json.loads((storage / "two" / "sweep.json").read_text())
+    client = MlflowClient(meta["tracking_uri"])
+    children = client.search_runs(
+        [client.get_run(meta["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'",
+    )
+    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows}
+    versions = client.search_model_versions("name = 'sweep-test'")
+    best = [r for r in rows if r.get("registered_model")]
+    assert len(versions) == 1 and len(best) == 1
+    assert versions[0].run_id == best[0]["mlflow_run_id"]
+    parent_files = {f.path for f in client.list_artifacts(meta["parent_run_id"], "report")}
+    assert {"report/results.md", "report/results.csv", "report/plot.png"} <= parent_files
+
+
+@pytest.mark.slow
+def test_asha_stops_a_losing_trial_early(ray_local, prepared_shapes, tmp_path):
+    # One learning trial and three that barely move: whichever order they report epoch 1 in,
+    # a near-initial val_ce below the median of those already recorded is stopped.
+    storage = tmp_path / "runs"
+    space = _space_file(tmp_path, {"train.lr": [3e-3, 1e-7, 2e-7, 3e-7]}, epochs=3)
+    argv = ["--space", space, "--data", str(prepared_shapes), "--storage", str(storage), "--name", "asha"]
+    rc = main([*argv, "--grace-period=1", "--reduction-factor=2", *SHARE, *_tracking(tmp_path)])
+    assert rc == 0
+    rows = _rows(storage, "asha")
+    assert len(rows) == 4
+    stopped = [r for r in rows if r["status"].startswith("stopped")]
+    assert stopped and all(r["epochs"] < 3 for r in stopped)
+    assert any(r["status"] == "completed" and r["epochs"] == 3 for r in rows)
+    assert {r["train.lr"] for r in rows if r["status"] == "completed"} >= {3e-3}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_trials(ray_local, prepared_shapes, tmp_path):
+    storage = tmp_path / "runs"
+    space = _space_file(tmp_path, {"model.num_latent_vectors": [2, 4]}, epochs=2)
+    argv = [sys.executable, "-m", "jobs.sweep", "--space", space, "--data", str(prepared_shapes)]
+    argv += ["--storage", str(storage), "--name", "resume", "--max-concurrent=1", "--scheduler=fifo"]
+    argv += [*SHARE, *_tracking(tmp_path)]
+    # The driver joins the session's Ray like `ray job submit` would; killing it ends its trials.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+
+    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finished = None
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if " finished: " in line and line.startswith("sweep: trial "):
+            finished = line.split()[2]
+            break
+    assert finished, "".join(seen[-30:])
+    # Kill only once Tune's experiment state on storage records the finished trial.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = list((storage / "resume").glob("experiment_state-*.json"))
+        if states and "TERMINATED" in states[0].read_text():
+            break
+        time.sleep(0.5)
+    first.kill()
+    first.wait()
+
+    second = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = second.stdout
+    assert second.returncode == 0, out[-3000:] + second.stderr[-3000:]
+    assert "resuming" in out
+    assert f"trial {finished} started" not in out  # the finished trial is not redone
+    rows = _rows(storage, "resume")
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    assert {r["trial"] for r in rows} >= {finished}

@@ -1,0 +1,190 @@
+"""Training on a real local Ray: 2 CPU workers (DDP), a worker killed mid-epoch, resume by run name,
+the MLflow run and registered model, and the checks that must fail before Ray is asked for anything."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from jobs import train
+from jobs.train_loop import KILL_EPOCH_ENV, KILL_MARKER_ENV, MODEL_FILE, STATE_FILE
+from model.checkpoint import read_config
+from model.config import load_config
+
+pytestmark = pytest.mark.ray
+
+# Tiny: the debug model on 48 shapes images, 6 steps of 8 per epoch split over 2 workers.
+DEBUG = ["--train.num_workers=2", "--train.batch_size=8", "--data.num_samples=48", "--train.eval_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    mp = pytest.MonkeyPatch()
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(ray_local, prepared_shapes, mlflow_uri, tmp_path_factory):
+    """Run A: 2 epochs, rank 0 dies mid-epoch 2 and the group restarts from epoch 1's checkpoint.
+    Run B: the same run name with 3 epochs resumes after epoch 2 and trains only epoch 3."""
+    storage = tmp_path_factory.mktemp("runs")
+    marker = storage / "killed.marker"
+    mp = pytest.MonkeyPatch()
+    mp.setenv(KILL_EPOCH_ENV, "2")
+    mp.setenv(KILL_MARKER_ENV, str(marker))
+    try:
+        first = train.run_training(
+            load_config("debug", [*DEBUG, "--train.epochs=2"]),
+            str(prepared_shapes),
+            run_name="kr",
+            storage_path=str(storage),
+        )
+    finally:
+        mp.undo()
+    killed = marker.exists()
+    second = train.run_training(
+        load_config("debug", [*DEBUG, "--train.epochs=3"]),
+        str(prepared_shapes),
+        run_name="kr",
+        storage_path=str(storage),
+    )
+    return {"first": first, "second": second, "killed": killed, "storage": storage}
+
+
+def test_worker_killed_mid_epoch_recovers_from_last_checkpoint(killed_then_resumed):
+    first = killed_then_resumed["first"]
+    assert killed_then_resumed["killed"], "the test hook never fired"
+    # The restarted group restored epoch 1 and trained epoch 2 again: right epoch count, no restart from 0.
+    assert first.metrics["epoch"] == 2
+    assert first.metrics["start_epoch"] == 2
+    assert torch.isfinite(torch.tensor(first.metrics["train_loss"]))
+    assert first.metrics["samples_per_s"] > 0
+
+
+def test_same_run_name_resumes_instead_of_restarting(killed_then_resumed):
+    second = killed_then_resumed["second"]
+    assert second.metrics["epoch"] == 3
+    assert second.metrics["start_epoch"] == 3  # only epoch 3 ran
+    assert second.mlflow_run_id == killed_then_resumed["first"].mlflow_run_id  # one MLflow run for the whole run
+    # The best-N policy kept at most keep_checkpoints (+ the latest) folders, each complete.
+    folders = sorted(p for p in (killed_then_resumed["storage"] / "kr").glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(folders) <= 3
+    for folder in folders:
+        assert (folder / MODEL_FILE).is_file() and (folder / STATE_FILE).is_file()
+    state = torch.load(Path(second.checkpoint_dir) / STATE_FILE, weights_only=True)
+    assert state["epoch"] in (1, 2, 3) and "optimizer" in state and "rng" in state
+    assert read_config(Path(second.checkpoint_dir) / MODEL_FILE).train.epochs == 3
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_and_a_registered_version(killed_then_resumed, mlflow_uri):
+    result = killed_then_resumed["second"]
+    client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2" and run.data.params["preset"] == "debug"
+    assert run.data.tags["resume.changed.train.epochs"] == "2 -> 3"
+    steps = sorted({m.step for m in client.get_metric_history(result.mlflow_run_id, "val_ce")})
+    assert steps == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"checkpoint", "config.json", "sample_captions.json", "final_metrics.json"} <= artifacts
+    assert result.model_uri and result.model_uri.startswith("models:/vl-jepa-captioner/")
+    version = client.get_model_version_by_alias("vl-jepa-captioner", "champion")
+    assert f"models:/vl-jepa-captioner/{version.version}" == result.model_uri
+
+
+def test_evaluate_loads_the_registered_model_by_uri(killed_then_resumed, prepared_shapes):
+    from jobs.evaluate import evaluate_model
+
+    result = killed_then_resumed["second"]
+    report = evaluate_model(result.alias_uri, str(prepared_shapes), split="val", max_images=8)
+    assert report["preset"] == "debug"
+    assert 0.0 <= report["exact_match_pct"] <= 100.0
+    assert "markdown" in report
+
+
+def test_two_workers_train_on_the_coco_fixture(ray_local, prepared_coco, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(
+        "debug",
+        [
+            "--train.num_workers=2",
+            "--train.batch_size=2",
+            "--train.epochs=1",
+            "--data.train_split=train2017",
+            "--data.val_fraction=0.3",
+            "--tracking.enabled=false",
+        ],
+    )
+    result = train.run_training(cfg, str(prepared_coco), run_name="coco", storage_path=str(tmp_path / "runs"))
+    assert result.metrics["epoch"] == 1 and result.mlflow_run_id is None and result.model_uri is None
+    assert (Path(result.checkpoint_dir) / MODEL_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------
+# Fail fast, before Ray is waited on
+
+
+def _main(capsys, *args: str) -> tuple[int, str, float]:
+    started = time.perf_counter()
+    code = train.main(list(args))
+    return code, capsys.readouterr().err, time.perf_counter() - started
+
+
+def test_missing_data_folder_fails_before_ray(tmp_path, capsys):
+    code, err, _ = _main(capsys, "--preset", "debug", "--data", str(tmp_path / "nowhere"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_missing_manifest_fails_before_ray(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "part-00000.parquet").write_bytes(b"")
+    code, err, _ = _main(capsys, "--preset", "debug", "--data", str(tmp_path))
+    assert code == 2 and "manifest.json" in err
+
+
+def test_unknown_config_key_fails(tmp_path, capsys):
+    code, err, _ = _main(capsys, "--preset", "debug", "--data", str(tmp_path), "--train.epoch=3")
+    assert code == 2 and "unknown config key 'train.epoch'" in err and "train.epochs" in err
+
+
+def test_unknown_preset_fails(tmp_path, capsys):
+    code, err, _ = _main(capsys, "--preset", "nope", "--data", str(tmp_path))
+    assert code == 2 and "unknown preset 'nope'" in err
+
+
+def test_gpus_the_cluster_lacks_fail_instead_of_waiting(ray_local, prepared_shapes, capsys, monkeypatch):
+    monkeypatch.delenv(train.AUTOSCALING_ENV, raising=False)
+    code, err, _ = _main(capsys, "--preset", "debug", "--data", str(prepared_shapes), "--train.use_gpu=true")
+    assert code == 2 and "needs 1 GPU(s)" in err and "has 0" in err
+
+
+def test_cluster_check_counts_cpus_for_workers_and_data(monkeypatch):
+    monkeypatch.delenv(train.AUTOSCALING_ENV, raising=False)
+    cfg = load_config("debug", ["--train.num_workers=4", "--train.cpus_per_worker=1"])
+    with pytest.raises(train.PreflightError, match="needs 4 CPUs, but the Ray cluster has 2"):
+        train.check_cluster(cfg, {"CPU": 2.0})
+    with pytest.raises(train.PreflightError, match="Ray Data"):
+        train.check_cluster(cfg, {"CPU": 4.0})
+    train.check_cluster(cfg, {"CPU": 5.0})
+    gpu = load_config("debug", ["--train.use_gpu=true", "--train.num_workers=2"])
+    with pytest.raises(train.PreflightError, match="needs 2 GPU"):
+        train.check_cluster(gpu, {"CPU": 8.0, "GPU": 1.0})
+    train.check_cluster(gpu, {"CPU": 8.0, "GPU": 2.0})
+    monkeypatch.setenv(train.AUTOSCALING_ENV, "1")  # an autoscaler may add GPU nodes: let Ray wait for them
+    train.check_cluster(gpu, {"CPU": 8.0})
+
+
+def test_warmup_then_cosine_schedule():
+    from jobs.train_loop import warmup_cosine
+
+    f = warmup_cosine(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))

@@ -1,0 +1,156 @@
+"""Fixtures for the serve tests: two tiny trained checkpoints, test images, Serve on a free loopback port.
+
+The models are trained in-process (no Ray) for a few hundred steps on coloured squares, so each image
+gets its own caption and "same caption as in-process" is a meaningful check, not "" == "".
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.checkpoint import load_model, save_model
+from model.config import Config, load_config
+from model.generation import caption_images
+from model.model import build_model
+from model.tokenizer import PAD, ByteTokenizer
+from model.transform import ImageTransform
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+MAX_NEW_TOKENS = 24  # the captions are ~14 bytes; a short limit keeps every request fast
+
+
+@dataclass
+class TrainedModel:
+    path: Path
+    fingerprint: str
+    config: Config
+
+
+@dataclass
+class ServeFixtures:
+    model: TrainedModel  # the one being served
+    other: TrainedModel  # same shape, different weights (different seed)
+    images: dict[str, bytes]  # colour -> PNG bytes
+    expected: dict[str, str]  # colour -> caption computed in-process
+
+
+def square_png(colour: tuple[int, int, int], size: int = 40) -> bytes:
+    """A coloured square on grey, as PNG bytes."""
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    img.paste(Image.new("RGB", (size // 2, size // 2), colour), (size // 4, size // 4))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def train_tiny(images: dict[str, bytes], seed: int, steps: int, out: Path) -> TrainedModel:
+    """Teacher-forced cross-entropy on one caption per image; returns the saved checkpoint."""
+    cfg = load_config("debug", {"train.seed": str(seed)})
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    transform = ImageTransform(cfg.model.image_size)
+    tokenizer = ByteTokenizer(cfg.model.max_seq_length)
+    x = torch.stack([transform(data) for data in images.values()])  # (B, 3, S, S)
+    ids, _ = tokenizer.batch([f"a {colour} square" for colour in images])  # (B, T)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread, and the CPU is shared
+    for _ in range(steps):
+        logits = model(x, ids).logits  # (B, T, V); logits[:, t] predicts ids[:, t + 1]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    path = out / f"seed{seed}" / "model.safetensors"
+    fingerprint = save_model(path, model, cfg)
+    return TrainedModel(path=path, fingerprint=fingerprint, config=cfg)
+
+
+def in_process_captions(path: Path, images: dict[str, bytes]) -> dict[str, str]:
+    """The reference: the checkpoint loaded whole, captioning through the shared transform."""
+    loaded = load_model(path)
+    transform = ImageTransform(loaded.config.model.image_size)
+    x = torch.stack([transform(data) for data in images.values()])
+    tokenizer = ByteTokenizer(loaded.config.model.max_seq_length)
+    captions = caption_images(loaded.model, x, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+    return dict(zip(images, captions, strict=True))
+
+
+@pytest.fixture(scope="session")
+def serve_fixtures(tmp_path_factory: pytest.TempPathFactory) -> ServeFixtures:
+    out = tmp_path_factory.mktemp("serve-models")
+    images = {name: square_png(rgb) for name, rgb in COLOURS.items()}
+    model = train_tiny(images, seed=0, steps=150, out=out)
+    other = train_tiny(images, seed=1, steps=20, out=out)
+    expected = in_process_captions(model.path, images)
+    assert len(set(expected.values())) == len(images), f"tiny model did not learn distinct captions: {expected}"
+    return ServeFixtures(model=model, other=other, images=images, expected=expected)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_local) -> str:
+    """Serve started once per session, HTTP on a free loopback port."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def wait_running(app: str, timeout_s: float = 300.0) -> None:
+    """Wait for every replica of `app`; the machine may be busy, so the limit is generous."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise AssertionError(f"application {app} failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise AssertionError(f"application {app} not running after {timeout_s}s: {status}")
+
+
+def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    """Poll /healthz until the proxy routes to the freshly deployed ingress."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise AssertionError(f"{url}/healthz not healthy after {timeout_s}s: {last}")
+
+
+# Small replicas: the whole serve suite shares 4 logical CPUs on 2 cores with nothing else running.
+SMALL = {
+    "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+    "PlanEncoder": {"ray_actor_options": {"num_cpus": 0.25}},
+    "PlanDecoder": {"ray_actor_options": {"num_cpus": 0.25}},
+}
