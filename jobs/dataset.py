@@ -178,7 +178,7 @@ def build_train_dataset(data_dir: str | Path, cfg: Config) -> ray.data.Dataset:
         )
     seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     shuffle_files = ray.data.FileShuffleConfig(seed=cfg.train.seed) if cfg.data.shuffle == "file" else None
-    ds = _read_shards(plan.files, shuffle_files)
+    ds = _read_shards(plan.files, shuffle_files, cfg.data.num_cpus_per_map)
     if cfg.data.shuffle == "block":
         ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
@@ -204,7 +204,7 @@ def build_eval_dataset(data_dir: str | Path, cfg: Config, *, limit: int = 0) -> 
     if plan.rows == 0:
         return None
     refs = int(read_manifest(val)["max_captions_per_image"])
-    ds = _read_shards(plan.files, None)
+    ds = _read_shards(plan.files, None, cfg.data.num_cpus_per_map)
     ds.context.execution_options.preserve_order = True  # this dataset's own context copy: rows in id order
     return ds.map_batches(
         _eval_batch,
@@ -216,8 +216,11 @@ def build_eval_dataset(data_dir: str | Path, cfg: Config, *, limit: int = 0) -> 
     )
 
 
-def _read_shards(files: list[str], shuffle: Any) -> ray.data.Dataset:
+def _read_shards(files: list[str], shuffle: Any, num_cpus: float) -> ray.data.Dataset:
     """One block per shard, only the columns training needs.
+
+    Read tasks ask for `num_cpus` like the decode tasks: at Ray's default of 1 CPU they could never
+    start under a data budget below one CPU (a sweep trial's cap), and the trial would hang.
 
     Uses Ray's file-based Parquet reader: the default DataSource V2 path starts 32 footer-reader
     actors on every execution (every epoch), which took ~20 s per epoch on a 2-core machine against
@@ -228,7 +231,9 @@ def _read_shards(files: list[str], shuffle: Any) -> ray.data.Dataset:
     ctx = ray.data.DataContext.get_current()
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=len(files))
+        ds = ray.data.read_parquet(
+            files, shuffle=shuffle, override_num_blocks=len(files), ray_remote_args={"num_cpus": num_cpus}
+        )
     finally:
         ctx.use_datasource_v2 = previous
     return ds.select_columns(["image_id", "image", "captions"])
