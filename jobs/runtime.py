@@ -41,6 +41,7 @@ def local_cpus() -> int:
     return max(4, os.cpu_count() or 1)
 
 
-def cluster_resources() -> dict[str, float]:
-    """Total resources of the joined cluster (CPU, GPU, memory...)."""
-    return dict(ray.cluster_resources())
+def free_resources() -> dict[str, float]:
+    """What the joined cluster has free now: totals minus what running work (another job, a sweep) holds."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return {key: min(float(total[key]), float(free.get(key, 0.0))) for key in total}

@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_sweep(
     args: argparse.Namespace, space: Space, trials: list[TrialPoint], base_overrides: dict, notes: list[str]
 ) -> int:
-    from jobs.runtime import cluster_resources, ensure_ray
+    from jobs.runtime import ensure_ray, free_resources
 
     name = args.name or f"sweep-{space.name.split()[0]}"
     storage = _absolute_storage(args.storage or trials[0].config.train.storage_path or "runs")
@@ -221,9 +221,10 @@ def run_sweep(
         return EXIT_INVALID
     print(f"sweep: Ray: {ensure_ray()}")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state saved often: cheap, resumable
+    # Free, not total: CPUs another job already holds would leave trials' data tasks no CPU (a deadlock).
     resources = plan_resources(
         trials,
-        cluster_resources(),
+        free_resources(),
         driver_cpus=args.trial_cpus,
         data_cpus=args.data_cpus,
         max_concurrent=args.max_concurrent,

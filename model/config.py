@@ -325,10 +325,14 @@ def _preset_shapes() -> Config:
             decoder_depth=2,
             num_latent_vectors=8,
             image_size=32,
-            patch_size=8,
+            patch_size=4,  # the log leaves it open; 8 x 8 = 64 patches, as at the seed config
             max_seq_length=48,
         ),
     )
+    # Shape (not colour) needs spatial detail: at patch 8 (16 patches) even the no-bottleneck control
+    # stayed at colour-only accuracy (~33%) after 200 steps; at patch 4 it reached 94% in 400 steps.
+    # With the diversity term at 0.5 the decoder collapsed to 2 captions; without it colour is learnt.
+    cfg.objective.diversity_weight = 0.0
     cfg.train.epochs = 20
     cfg.train.batch_size = 32
     cfg.train.lr = 1e-3
