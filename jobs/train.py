@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -242,6 +244,7 @@ def run_training(
     trainer = make_trainer(
         cfg, data_dir, run_name=name, storage_path=storage_path, mlflow_parent_run_id=mlflow_parent_run_id
     )
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except Exception:
@@ -251,7 +254,20 @@ def run_training(
 
             finish_run(trainer.train_loop_config["tracking_uri"], run_id, status="FAILED")
         raise
+    finally:
+        _restore_sigint(previous_sigint)
     return finish_training(cfg, trainer, result, register=register)
+
+
+def _restore_sigint(previous: Any) -> None:
+    """Drop the SIGINT handler Ray Train V2's `fit()` installs in the main thread.
+
+    Its closure holds the run's TrainController handle, so the controller actor (and the CPUs its
+    placement group reserves) outlives `fit()` in a process that goes on to train again (the demo,
+    tests, notebooks): later runs then wait for CPUs nobody uses.
+    """
+    if threading.current_thread() is threading.main_thread() and previous is not None:
+        signal.signal(signal.SIGINT, previous)
 
 
 def default_run_name(cfg: Config) -> str:
