@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _step(f"evaluating {result.alias_uri} on the held-out val split")
     evaluate_model = _evaluate_model()
-    report = evaluate_model(result.alias_uri, str(data), split="val", report=str(out / "eval_report"))
+    report = evaluate_model(result.alias_uri, str(data), split="val", report=str(out / "eval_report.json"))
     print(report["markdown"])
 
     held_out = _held_out_image(raw)
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"held-out probe accuracy:        {_pct(probe_acc, scale=100)}   (18 classes, chance 5.6%)")
     print(f"registered model:               {result.alias_uri}  ({result.model_uri})")
     print(f"best checkpoint:                {result.checkpoint_dir}")
-    print(f"report:                         {out / 'eval_report'}.json / .md")
+    print(f"report:                         {out / 'eval_report.json'} (+ .md)")
     print(f"see the runs:                   {ui_command(resolve_tracking_uri())}")
     print(
         f"demo took {time.perf_counter() - started:.0f} s; next: python -m serve.demo (reads {out / 'LAST_RUN.json'})"
