@@ -11,11 +11,12 @@ Every MLflow import of the project lives in jobs/; model/ never sees it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,32 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def _fluent_uris(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model, register_model) at `tracking_uri`, then put things back.
+
+    `mlflow.set_tracking_uri` / `set_registry_uri` are process-wide and also export
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; left set, a later client in the same process (a second
+    run, a test, a notebook) would silently register its models into this run's store.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -254,9 +281,7 @@ def log_and_register(
     client = _client(tracking_uri)
     client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
     client.log_text(run_id, json.dumps(final_metrics, indent=2, sort_keys=True, default=str), "final_metrics.json")
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with _fluent_uris(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         # "Models from code": MLflow stores this two-line script instead of a pickled object.
         code = Path(tmp) / "captioner_model.py"
         code.write_text(_MODEL_CODE)
@@ -269,7 +294,8 @@ def log_and_register(
         )
     if not cfg.tracking.registered_model:
         return None
-    version = mlflow.register_model(info.model_uri, cfg.tracking.registered_model, await_registration_for=0)
+    with _fluent_uris(tracking_uri):
+        version = mlflow.register_model(info.model_uri, cfg.tracking.registered_model, await_registration_for=0)
     name = cfg.tracking.registered_model
     if cfg.tracking.alias:
         client.set_registered_model_alias(name, cfg.tracking.alias, version.version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,11 @@ def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path):
     first = tracking.log_and_register(cfg, uri, run_id, debug_checkpoint, {"epoch": 2})
     second = tracking.log_and_register(cfg, uri, run_id, debug_checkpoint, {"epoch": 2})
     assert (first.version, second.version) == ("1", "2")
+    # Registering left no process-wide registry behind: a client for another store registers there.
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(elsewhere).create_registered_model("elsewhere")
+    assert [m.name for m in MlflowClient(elsewhere, registry_uri=elsewhere).search_registered_models()] == ["elsewhere"]
     assert second.alias_uri == "models:/test-captioner@best"
     client = MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("test-captioner", "best").version) == "2"

@@ -55,7 +55,7 @@ def test_bad_args_are_rejected_at_build_time() -> None:
 def register_in_mlflow(tmp: Path, checkpoint: Path) -> tuple[str, str]:
     """Log the checkpoint to a sqlite-backed MLflow and register it; returns (tracking URI, models:/ URI)."""
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("serve-test", artifact_location=(tmp / "artifacts").as_uri())
     run = client.create_run(experiment)
     client.log_artifact(run.info.run_id, str(checkpoint), artifact_path="checkpoint")
