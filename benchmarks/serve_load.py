@@ -8,6 +8,8 @@ random weights decode the full token budget every time, which is the worst case 
   (a) batching on (max_batch_size 32) vs off (max_batch_size 1) for both halves, 32 concurrent clients;
   (b) the split path (HTTP -> ingress -> encoder -> plan bytes -> decoder) vs one deployment doing
       image -> caption in-process, 1 client, batching off in both: the cost of the two extra hops.
+      Both applications run side by side and the requests alternate between them (ABBA order), so
+      drift in the machine's load falls on both paths alike.
 
 Every scenario is bounded by a request count and a wall-clock cap, and talks to 127.0.0.1 only.
 The figures are appended to benchmarks/RESULTS.md under "## Serving (issue 6)".
@@ -91,6 +93,31 @@ async def load(url: str, images: list[bytes], *, name: str, requests: int, concu
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
     return Result(name, sent, errors, seconds, latencies)
+
+
+def paired_latency(url: str, images: list[bytes], paths: dict[str, str], requests: int) -> list[Result]:
+    """One client, sequential requests alternating between the routes in ABBA order; one Result per route."""
+    names = list(paths)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    errors = dict.fromkeys(names, 0)
+    busy = dict.fromkeys(names, 0.0)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for i in range(requests):
+            for name in names if i % 2 == 0 else reversed(names):
+                t0 = time.perf_counter()
+                r = client.post(
+                    paths[name],
+                    content=images[i % len(images)],
+                    params={"max_new_tokens": MAX_NEW_TOKENS},
+                    headers={"Content-Type": "image/png"},
+                )
+                elapsed = time.perf_counter() - t0
+                busy[name] += elapsed
+                if r.status_code == 200:
+                    latencies[name].append(elapsed * 1e3)
+                else:
+                    errors[name] += 1
+    return [Result(name, requests, errors[name], busy[name], latencies[name]) for name in names]
 
 
 def random_pngs(n: int, size: int = 64) -> list[bytes]:
@@ -214,14 +241,16 @@ def write_section(text: str) -> None:
         new = old.rstrip() + "\n\n" + text
     else:
         end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end != -1 else "")
+        new = old[:start] + text.rstrip() + "\n\n" + (old[end + 1 :] if end != -1 else "")
     RESULTS.write_text(new.rstrip() + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=192, help="requests per throughput scenario")
-    parser.add_argument("--latency-requests", type=int, default=60, help="sequential requests per latency scenario")
+    parser.add_argument(
+        "--latency-requests", type=int, default=60, help="sequential requests per route, split and fused alternating"
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="wall-clock cap per scenario")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
@@ -262,11 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(split_app(path, batch=1), name="bench", route_prefix="/")  # user_config only: reconfigure()
         wait_ready(url)
         off = run(f"split, batching off, {c} clients", c, args.requests)
-        split_lat = run("split, batching off, 1 client", 1, args.latency_requests)
-        serve.delete("bench")
-        serve.run(fused_deployment().bind(str(path), 1), name="fused", route_prefix="/")
-        wait_ready(url)
-        fused_lat = run("single deployment, batching off, 1 client", 1, args.latency_requests)
+        serve.run(fused_deployment().bind(str(path), 1), name="fused", route_prefix="/fused")
+        wait_ready(f"{url}/fused")
+        routes = {
+            "split, batching off, 1 client": "/v1/caption",
+            "single deployment, batching off, 1 client": "/fused/v1/caption",
+        }
+        paired_latency(url, images, routes, 4)  # warm-up
+        split_lat, fused_lat = paired_latency(url, images, routes, args.latency_requests)
+        for result in (split_lat, fused_lat):
+            print(result.row(), flush=True)
+            results.append(result)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -283,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         f"{SECTION}\n\n"
         f"Command: `python -m benchmarks.serve_load` (requests {args.requests} per throughput scenario, "
-        f"{args.latency_requests} per latency scenario, cap {args.max_seconds:g} s each)  \n"
+        f"{args.latency_requests} per route in the paired latency scenario, cap {args.max_seconds:g} s each)  \n"
         f"Machine: {machine()}  \nDate: {DATE}  \n"
         f"1-minute load average before/after: {load_before:.1f} / {load_after:.1f} (figures from a busy machine are "
         "not comparable with a quiet one; rerun on an idle machine for the targets)\n\n"

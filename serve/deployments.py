@@ -4,10 +4,13 @@
     PlanDecoder: codec bytes -> plan (K, D) -> batch (B, K, D) -> KV-cached generation -> caption
 
 Per-request work that can fail on bad input (image decoding, plan parsing, parameter checks) happens
-before a request joins a batch, so one bad request never fails its batch neighbours. The batched model
-call runs in a worker thread, so the replica's event loop keeps accepting requests and forming the next
-batch meanwhile. Batch sizes come from `user_config` and are applied in `reconfigure()`, so
-`serve deploy` can change them without restarting replicas.
+before a request joins a batch, so one bad request never fails its batch neighbours. Image decoding runs
+in a worker thread; the batched model call runs on the replica's user-code event loop on purpose. Handed
+to a thread, the Python-heavy generation loop held the GIL against the thread that admits requests, so
+batches stayed at 1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests
+pile up while a batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). Serve
+answers health checks on its own loop meanwhile. Batch sizes come from `user_config` and are applied in
+`reconfigure()`, so `serve deploy` can change them without restarting replicas.
 """
 
 from __future__ import annotations
@@ -109,10 +112,10 @@ class PlanEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, images: list[torch.Tensor]) -> list[bytes]:
-        plans = await asyncio.to_thread(self.plans, torch.stack(images))  # (B, K, D)
+        plans = self.plans(torch.stack(images))  # (B, K, D)
         return [encode_plan(p, fingerprint=self.fingerprint, dtype=self.plan_dtype) for p in plans]
 
-    @torch.inference_mode()  # grad mode is per thread: set it in the worker thread that runs this
+    @torch.inference_mode()  # grad mode is per thread: set it on the thread that runs the model
     def plans(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, K, D): PlanEncoder.forward with the cached query encoding."""
         patches = self.encoder.vision(images)  # (B, N, D)
@@ -164,7 +167,7 @@ class PlanDecoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _decode_batch(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str]:
-        return await asyncio.to_thread(self.captions, requests)
+        return self.captions(requests)
 
     @torch.inference_mode()
     def captions(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str]:
