@@ -231,9 +231,7 @@ def _read_shards(files: list[str], shuffle: Any, num_cpus: float) -> ray.data.Da
     ctx = ray.data.DataContext.get_current()
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(
-            files, shuffle=shuffle, override_num_blocks=len(files), ray_remote_args={"num_cpus": num_cpus}
-        )
+        ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=len(files), num_cpus=num_cpus)
     finally:
         ctx.use_datasource_v2 = previous
     return ds.select_columns(["image_id", "image", "captions"])

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
 from PIL import Image
 
 from model.checkpoint import load_model, save_model
@@ -98,6 +99,20 @@ def serve_fixtures(tmp_path_factory: pytest.TempPathFactory) -> ServeFixtures:
     expected = in_process_captions(model.path, images)
     assert len(set(expected.values())) == len(images), f"tiny model did not learn distinct captions: {expected}"
     return ServeFixtures(model=model, other=other, images=images, expected=expected)
+
+
+def register_in_mlflow(tmp: Path, checkpoint: Path, name: str) -> tuple[str, str]:
+    """Log the checkpoint to a sqlite-backed MLflow and register it; returns (tracking URI, models:/ URI)."""
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment("serve-test", artifact_location=(tmp / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifact(run.info.run_id, str(checkpoint), artifact_path="checkpoint")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+    return uri, f"models:/{name}@champion"
 
 
 def free_port() -> int:

@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from mlflow import MlflowClient
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from serve.app import AppArgs, build_app
-from tests.serve.conftest import MAX_NEW_TOKENS, ServeFixtures, wait_healthy, wait_running
+from tests.serve.conftest import MAX_NEW_TOKENS, ServeFixtures, register_in_mlflow, wait_healthy, wait_running
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
 MODEL_NAME = "tiny-captioner"
@@ -52,25 +51,11 @@ def test_bad_args_are_rejected_at_build_time() -> None:
         build_app({"model": "x.safetensors", "max_body_bytes": 0})
 
 
-def register_in_mlflow(tmp: Path, checkpoint: Path) -> tuple[str, str]:
-    """Log the checkpoint to a sqlite-backed MLflow and register it; returns (tracking URI, models:/ URI)."""
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)
-    experiment = client.create_experiment("serve-test", artifact_location=(tmp / "artifacts").as_uri())
-    run = client.create_run(experiment)
-    client.log_artifact(run.info.run_id, str(checkpoint), artifact_path="checkpoint")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model(MODEL_NAME)
-    version = client.create_model_version(
-        MODEL_NAME, source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id
-    )
-    client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
-    return uri, f"models:/{MODEL_NAME}@champion"
-
-
 @pytest.fixture(scope="module")
 def deployed(serve_url: str, serve_fixtures: ServeFixtures, tmp_path_factory: pytest.TempPathFactory):
-    tracking_uri, model_uri = register_in_mlflow(tmp_path_factory.mktemp("mlflow"), serve_fixtures.model.path)
+    tracking_uri, model_uri = register_in_mlflow(
+        tmp_path_factory.mktemp("mlflow"), serve_fixtures.model.path, MODEL_NAME
+    )
     config = copy.deepcopy(shipped_config())
     app = config["applications"][0]
     app["args"].update(

@@ -1,0 +1,71 @@
+"""The README demo's serving step, `python -m serve.demo`, run the way `make demo` runs it.
+
+Its own process and its own local Ray instance (the demo starts one on purpose), a model registered in a
+real sqlite MLflow store and named by models:/ URI in LAST_RUN.json, and the held-out image captioned over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_model
+from model.codec import HEADER_SIZE, plan_nbytes
+from model.generation import caption_images
+from model.tokenizer import ByteTokenizer
+from model.transform import ImageTransform
+from tests.serve.conftest import ServeFixtures, free_port, register_in_mlflow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def full_length_caption(path: Path, image: bytes) -> str:
+    """In-process reference at the model's own length limit (the demo sets no max_new_tokens)."""
+    loaded = load_model(path)
+    cfg = loaded.config.model
+    x = ImageTransform(cfg.image_size)(image).unsqueeze(0)  # (1, 3, S, S)
+    tokenizer = ByteTokenizer(cfg.max_seq_length)
+    return caption_images(loaded.model, x, tokenizer, max_new_tokens=cfg.max_seq_length - 1)[0]
+
+
+def run_demo(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, not the tests' one
+    return subprocess.run(
+        [sys.executable, "-m", "serve.demo", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480
+    )
+
+
+def test_serve_demo_captions_the_held_out_image_over_http(serve_fixtures: ServeFixtures, tmp_path: Path) -> None:
+    tracking_uri, model_uri = register_in_mlflow(tmp_path / "mlflow", serve_fixtures.model.path, "demo-captioner")
+    image = tmp_path / "held_out.png"
+    image.write_bytes(serve_fixtures.images["blue"])
+    run_file = tmp_path / "LAST_RUN.json"
+    run_file.write_text(
+        json.dumps({"model_uri": model_uri, "tracking_uri": tracking_uri, "held_out_image": str(image)})
+    )
+    port = free_port()
+
+    proc = run_demo(["--run", str(run_file), "--port", str(port)])
+
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    lines = {
+        line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if ":" in line
+    }
+    with torch.inference_mode():
+        expected = full_length_caption(serve_fixtures.model.path, image.read_bytes())
+    assert lines["caption"] == expected
+    cfg = serve_fixtures.model.config.model
+    assert lines["plan size"].startswith(f"{HEADER_SIZE + plan_nbytes(cfg.plan_len, cfg.embed_dim, 'fp16')} bytes")
+    assert lines["model"].startswith("demo-captioner v1 (") and serve_fixtures.model.fingerprint in lines["model"]
+    assert f"http://127.0.0.1:{port}/v1/caption" in proc.stdout  # the curl lines name the address it served on
+
+
+def test_serve_demo_without_a_training_run_says_what_to_do(tmp_path: Path) -> None:
+    proc = run_demo(["--run", str(tmp_path / "missing.json")])
+    assert proc.returncode == 2
+    assert "run `python -m jobs.demo` first" in proc.stderr
