@@ -171,9 +171,7 @@ class Ingress:
     ) -> dict[str, Any]:
         """An image (raw body or multipart field `file`) -> caption, plan size, model and per-stage timings."""
         start = time.perf_counter()
-        self._authorize(credentials)
-        info = await self._model_info()
-        max_new_tokens = self._check_max_new_tokens(max_new_tokens, info)
+        info, max_new_tokens = await self._admit(credentials, max_new_tokens)
         image = await self._read_image(request)
         t0 = time.perf_counter()
         plan = await self._call(self.encoder.encode.remote(image), "encoder")
@@ -214,9 +212,7 @@ class Ingress:
     ) -> dict[str, Any]:
         """Plan bytes (as returned by /v1/encode) -> caption."""
         start = time.perf_counter()
-        self._authorize(credentials)
-        info = await self._model_info()
-        max_new_tokens = self._check_max_new_tokens(max_new_tokens, info)
+        info, max_new_tokens = await self._admit(credentials, max_new_tokens)
         content_type = _media_type(request)
         if content_type not in (PLAN_MEDIA_TYPE, ""):
             raise ApiError(415, "unsupported_media_type", f"plans are sent as {PLAN_MEDIA_TYPE}, got {content_type}")
@@ -243,6 +239,14 @@ class Ingress:
         # Constant-time comparison: the key is a secret, response timing must not leak its prefix.
         if not hmac.compare_digest(credentials.credentials.encode(), self.api_key.encode()):
             raise ApiError(401, "unauthorized", "invalid API key", _CHALLENGE)
+
+    async def _admit(
+        self, credentials: HTTPAuthorizationCredentials | None, max_new_tokens: int | None
+    ) -> tuple[dict[str, Any], int]:
+        """The checks every captioning route starts with: the API key, then the length limit against the model."""
+        self._authorize(credentials)
+        info = await self._model_info()
+        return info, self._check_max_new_tokens(max_new_tokens, info)
 
     async def _model_info(self) -> dict[str, Any]:
         if self._model is None:  # both halves come from one checkpoint; ask each once and keep the answer

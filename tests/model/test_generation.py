@@ -19,15 +19,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(conditioning: str = "cross_attn", bottleneck: str = "plan", seed: int = 0) -> VLJEPA:
     torch.manual_seed(seed)
     model = build_model(

@@ -20,15 +20,6 @@ from model.objectives import caption_ce
 VARIANTS = ["cross_attn", "gated", "prefix_film"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def debug_model(*overrides: str, seed: int = 0) -> VLJEPA:
     torch.manual_seed(seed)
     return build_model(load_config("debug", list(overrides)).model)

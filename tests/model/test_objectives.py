@@ -12,15 +12,6 @@ from model.objectives import Objective, caption_ce, info_nce, plan_diversity, ra
 from model.tokenizer import ByteTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(*overrides: str) -> VLJEPA:
     torch.manual_seed(0)
     return build_model(load_config("debug", list(overrides)).model)

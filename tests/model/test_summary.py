@@ -8,20 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.summary import main
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Building seed-size models is faster on one thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
