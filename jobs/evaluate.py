@@ -224,39 +224,42 @@ def _single_label(x: Tensor, labels: Sequence[int | None]) -> tuple[Tensor, list
     return x[keep], [labels[i] for i in keep]
 
 
+def _single_label_probe(
+    name: str, train_x: Tensor, test_x: Tensor, train_labels: Sequence[int | None], test_labels: Sequence[int | None]
+) -> dict[str, Any]:
+    """`probe_<name>_*` metrics of a linear probe on the labelled images; empty when there is nothing to learn."""
+    (x_train, y_train), (x_test, y_test) = _single_label(train_x, train_labels), _single_label(test_x, test_labels)
+    if len(set(y_train)) < 2 or not y_test:
+        return {}
+    r = probe.single_label_probe(x_train, y_train, x_test, y_test)
+    fields = {
+        "accuracy": r.accuracy,
+        "chance": r.chance,
+        "majority": r.majority,
+        "classes": r.num_classes,
+        "num_test": r.num_test,
+    }
+    return {f"probe_{name}_{key}": value for key, value in fields.items()}
+
+
 def run_probes(train_x: Tensor, train: _Labels, test_x: Tensor, test: _Labels) -> dict[str, Any]:
     """Keyword probe (the log's 20 categories), category probe (single-label sets such as shapes)
     and multi-label mAP (COCO instances), each where its labels exist."""
     out: dict[str, Any] = {"probe_kind": "none", "probe_accuracy": None, "probe_chance": None, "probe_majority": None}
     if len(train_x) < 2 or len(test_x) < 1:
         return out  # too few images to learn anything (e.g. --max-images 1)
-    kw_train = _single_label(train_x, [caption_metrics.keyword_category(c) for c in train.captions])
-    kw_test = _single_label(test_x, [caption_metrics.keyword_category(c) for c in test.captions])
-    if len(set(kw_train[1])) >= 2 and kw_test[1]:
-        r = probe.single_label_probe(kw_train[0], kw_train[1], kw_test[0], kw_test[1])
-        out.update(
-            probe_keyword_accuracy=r.accuracy,
-            probe_keyword_chance=r.chance,
-            probe_keyword_majority=r.majority,
-            probe_keyword_classes=r.num_classes,
-            probe_keyword_num_test=r.num_test,
-        )
+    keywords = (
+        [caption_metrics.keyword_category(c) for c in train.captions],
+        [caption_metrics.keyword_category(c) for c in test.captions],
+    )
+    out.update(_single_label_probe("keyword", train_x, test_x, *keywords))
 
     all_ids = train.category_ids + test.category_ids
     labelled = [ids for ids in all_ids if ids]
     if labelled and all(len(set(ids)) == 1 for ids in labelled):
         # one category per image (the synthetic shapes' 18 classes): a single-label probe
-        cat_train = _single_label(train_x, [ids[0] if ids else None for ids in train.category_ids])
-        cat_test = _single_label(test_x, [ids[0] if ids else None for ids in test.category_ids])
-        if len(set(cat_train[1])) >= 2 and cat_test[1]:
-            r = probe.single_label_probe(cat_train[0], cat_train[1], cat_test[0], cat_test[1])
-            out.update(
-                probe_category_accuracy=r.accuracy,
-                probe_category_chance=r.chance,
-                probe_category_majority=r.majority,
-                probe_category_classes=r.num_classes,
-                probe_category_num_test=r.num_test,
-            )
+        categories = [[ids[0] if ids else None for ids in split.category_ids] for split in (train, test)]
+        out.update(_single_label_probe("category", train_x, test_x, *categories))
     elif labelled:
         categories = sorted({c for ids in labelled for c in ids})
         r = probe.multilabel_probe(train_x, train.category_ids, test_x, test.category_ids, categories)
