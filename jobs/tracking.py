@@ -281,22 +281,22 @@ def log_and_register(
     client = _client(tracking_uri)
     client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
     client.log_text(run_id, json.dumps(final_metrics, indent=2, sort_keys=True, default=str), "final_metrics.json")
-    with _fluent_uris(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        # "Models from code": MLflow stores this two-line script instead of a pickled object.
-        code = Path(tmp) / "captioner_model.py"
-        code.write_text(_MODEL_CODE)
-        info = mlflow.pyfunc.log_model(
-            name="captioner",
-            python_model=str(code),
-            artifacts={"checkpoint": str(checkpoint)},
-            # Explicit requirements: inferring them would load the model in a subprocess.
-            pip_requirements=["torch", "safetensors", "numpy", "pillow"],
-        )
-    if not cfg.tracking.registered_model:
-        return None
-    with _fluent_uris(tracking_uri):
-        version = mlflow.register_model(info.model_uri, cfg.tracking.registered_model, await_registration_for=0)
     name = cfg.tracking.registered_model
+    with _fluent_uris(tracking_uri):
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+            # "Models from code": MLflow stores this two-line script instead of a pickled object.
+            code = Path(tmp) / "captioner_model.py"
+            code.write_text(_MODEL_CODE)
+            info = mlflow.pyfunc.log_model(
+                name="captioner",
+                python_model=str(code),
+                artifacts={"checkpoint": str(checkpoint)},
+                # Explicit requirements: inferring them would load the model in a subprocess.
+                pip_requirements=["torch", "safetensors", "numpy", "pillow"],
+            )
+        if not name:
+            return None
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=0)
     if cfg.tracking.alias:
         client.set_registered_model_alias(name, cfg.tracking.alias, version.version)
     alias_uri = f"models:/{name}@{cfg.tracking.alias}" if cfg.tracking.alias else f"models:/{name}/{version.version}"
