@@ -3,8 +3,8 @@
     python -m benchmarks.train [--steps 10] [--warmup 3] [--batch 32] [--compile]
 
 Times full optimisation steps (forward, loss, backward, clip, AdamW) of the same `Objective` the Ray
-Train workers run, on random images and byte captions padded to model.max_seq_length as the data
-pipeline does. Prints samples/s in fp32, and on CUDA also with bf16 autocast and the model FLOPs
+Train workers run, on random images and COCO-length byte captions, trimmed to the longest caption of
+the batch as the training loop does. Prints samples/s in fp32, and on CUDA also with bf16 autocast and the model FLOPs
 utilisation (MFU): 6 x (parameters x tokens each module processes) per sample, attention score
 FLOPs ignored, against the GPU's dense bf16 peak. The log's scripts ran at about 350 samples/s
 (18,000 samples x 100 epochs in ~5,100 s): that is the baseline printed beside the figures.
@@ -26,7 +26,7 @@ LOG_SAMPLES_PER_S = 18_000 * 100 / 5_100  # ~353
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def step_flops(model: torch.nn.Module, cfg: Config, batch: int) -> float:
+def step_flops(model: torch.nn.Module, cfg: Config, batch: int, text_len: int) -> float:
     """Approximate training FLOPs of one step: 6 * sum(module params * tokens through it).
 
     The text encoder runs once per batch on the fixed query; everything else runs per image.
@@ -40,19 +40,20 @@ def step_flops(model: torch.nn.Module, cfg: Config, batch: int) -> float:
         part = getattr(enc, name, None)
         if part is not None:
             total += trainable_parameters(part) * n_tokens * batch
-    total += trainable_parameters(model.decoder) * m.max_seq_length * batch
+    total += trainable_parameters(model.decoder) * text_len * batch
     if enc.text is not None:
         total += trainable_parameters(enc.text) * q
     return 6.0 * total
 
 
 def make_batch(cfg: Config, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random images and COCO-length captions (~55 bytes), padded to max_seq_length like the dataset."""
+    """Random images and COCO-length captions (40-69 bytes), padded to the longest like the training loop."""
     m = cfg.model
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, m.image_size, m.image_size, generator=gen)
-    ids = torch.zeros(batch, m.max_seq_length, dtype=torch.long)
     lengths = torch.randint(40, 70, (batch,), generator=gen)
+    ids = torch.zeros(batch, min(int(lengths.max()) + 2, m.max_seq_length), dtype=torch.long)
+    lengths = lengths.clamp(max=ids.shape[1] - 2)
     for row, n in enumerate(lengths.tolist()):
         ids[row, 0] = 1  # BOS
         ids[row, 1 : n + 1] = torch.randint(4 + 97, 4 + 123, (n,), generator=gen)  # lowercase bytes
@@ -85,7 +86,7 @@ def measure(cfg: Config, device: torch.device, *, steps: int, warmup: int, batch
         one_step()
     _sync(device)
     elapsed = time.perf_counter() - started
-    return batch * steps / elapsed, step_flops(model, cfg, batch) * steps / elapsed
+    return batch * steps / elapsed, step_flops(model, cfg, batch, ids.shape[1]) * steps / elapsed
 
 
 def _sync(device: torch.device) -> None:

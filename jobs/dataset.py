@@ -9,7 +9,8 @@ Ray Data path (training, inside Ray Train):
     build_train_dataset(root, cfg)      streaming read -> per-epoch shuffle -> map_batches on CPU:
                                         one random caption per image per epoch, decode, resize, normalise,
                                         tokenise -> {"images" (3, S, S) float32, "caption_ids" (T,) int64,
-                                        "caption_mask" (T,) bool, "image_id" int64}, T = model.max_seq_length
+                                        "caption_mask" (T,) bool, "image_id" int64}, T = model.max_seq_length,
+                                        + "categories" (C,) float32 multi-hot with objective.category_weight > 0
     build_eval_dataset(root, cfg)       every caption of each validation image: "caption_ids" (R, T), ...
     torch_batches(shard, batch, cfg)    the worker side: get_dataset_shard("train") -> dicts of tensors
 
@@ -178,7 +179,8 @@ def build_train_dataset(data_dir: str | Path, cfg: Config) -> ray.data.Dataset:
         )
     seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     shuffle_files = ray.data.FileShuffleConfig(seed=cfg.train.seed) if cfg.data.shuffle == "file" else None
-    ds = _read_shards(plan.files, shuffle_files, cfg.data.num_cpus_per_map)
+    columns = ["category_ids"] if cfg.objective.category_weight > 0 else []
+    ds = _read_shards(plan.files, shuffle_files, cfg.data.num_cpus_per_map, columns)
     if cfg.data.shuffle == "block":
         ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
@@ -216,7 +218,7 @@ def build_eval_dataset(data_dir: str | Path, cfg: Config, *, limit: int = 0) -> 
     )
 
 
-def _read_shards(files: list[str], shuffle: Any, num_cpus: float) -> ray.data.Dataset:
+def _read_shards(files: list[str], shuffle: Any, num_cpus: float, extra: list[str] | None = None) -> ray.data.Dataset:
     """One block per shard, only the columns training needs.
 
     Read tasks ask for `num_cpus` like the decode tasks: at Ray's default of 1 CPU they could never
@@ -234,7 +236,7 @@ def _read_shards(files: list[str], shuffle: Any, num_cpus: float) -> ray.data.Da
         ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=len(files), num_cpus=num_cpus)
     finally:
         ctx.use_datasource_v2 = previous
-    return ds.select_columns(["image_id", "image", "captions"])
+    return ds.select_columns(["image_id", "image", "captions", *(extra or [])])
 
 
 def torch_batches(shard: Any, batch_size: int, cfg: Config, *, device: Any = "auto"):
@@ -249,10 +251,12 @@ class _MapConfig:
     image_size: int
     max_seq_length: int
     max_caption_chars: int
+    num_categories: int  # 0: no "categories" column
 
     @classmethod
     def from_config(cls, cfg: Config) -> _MapConfig:
-        return cls(cfg.model.image_size, cfg.model.max_seq_length, cfg.data.max_caption_chars)
+        categories = cfg.objective.num_categories if cfg.objective.category_weight > 0 else 0
+        return cls(cfg.model.image_size, cfg.model.max_seq_length, cfg.data.max_caption_chars, categories)
 
 
 def _select(batch: dict[str, np.ndarray], plan: RowPlan) -> np.ndarray:
@@ -276,12 +280,44 @@ def _train_batch(
     captions = [batch["captions"][i] for i in rows]
     drawn = [str(caps[rng.integers(len(caps))]) for caps in captions]
     ids, mask = encode_captions(drawn, cfg.max_seq_length, cfg.max_caption_chars)  # (B, T) each
-    return {
+    out = {
         "images": decode_images([batch["image"][i] for i in rows], cfg.image_size),  # (B, 3, S, S)
         "caption_ids": ids,
         "caption_mask": mask,
         "image_id": batch["image_id"][rows].astype(np.int64),
     }
+    if cfg.num_categories:
+        out["categories"] = multi_hot_categories([batch["category_ids"][i] for i in rows], cfg.num_categories)
+    return out
+
+
+def multi_hot_categories(category_ids: list[Any], num_categories: int) -> np.ndarray:
+    """Per-image category id lists -> (B, C) float32 multi-hot; an id outside [0, C) is a DataError."""
+    out = np.zeros((len(category_ids), num_categories), dtype=np.float32)
+    for row, ids in enumerate(category_ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= num_categories):
+            raise DataError(f"category id {int(ids.max())} is outside objective.num_categories={num_categories}")
+        out[row, ids] = 1.0
+    return out
+
+
+def check_categories(data_dir: str | Path, cfg: Config) -> None:
+    """With objective.category_weight > 0: the training split has instance categories that fit the head."""
+    if cfg.objective.category_weight <= 0:
+        return
+    train, _val, _fraction = _holdout(data_dir, cfg)
+    ids = [int(c["id"]) for c in read_manifest(train).get("categories") or []]
+    if not ids:
+        raise DataError(
+            f"objective.category_weight={cfg.objective.category_weight} needs instance categories, but {train} "
+            "was prepared without instances_<split>.json"
+        )
+    if max(ids) >= cfg.objective.num_categories or min(ids) < 0:
+        raise DataError(
+            f"{train} has category ids {min(ids)}..{max(ids)}: objective.num_categories="
+            f"{cfg.objective.num_categories} must be at least {max(ids) + 1}"
+        )
 
 
 def _eval_batch(batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: _MapConfig, refs: int) -> dict[str, np.ndarray]:

@@ -70,6 +70,7 @@ def check_data(cfg: Config, data_dir: str) -> tuple[int, int]:
     """(training rows, validation images) after checking the prepared folder, its manifests and the
     configured splits (DataError otherwise)."""
     dataset.resolve_splits(data_dir, cfg)
+    dataset.check_categories(data_dir, cfg)
     n_train, n_val = dataset.dataset_sizes(data_dir, cfg)
     if n_train == 0:
         raise dataset.DataError(f"{data_dir}: the training split has no rows for this config")

@@ -138,10 +138,15 @@ def train_epoch(
     steps = samples = 0
     for batch in dataset.torch_batches(shard, batch_size, cfg, device=device):
         images = batch["images"].to(device, non_blocking=True)  # (B, 3, S, S)
-        ids = batch["caption_ids"].to(device, non_blocking=True)  # (B, T)
-        mask = batch["caption_mask"].to(device, non_blocking=True)  # (B, T)
+        # Captions come padded to max_seq_length; the decoder only needs the longest one in the batch.
+        length = int(batch["caption_mask"].sum(1).max())
+        ids = batch["caption_ids"][:, :length].to(device, non_blocking=True)  # (B, T')
+        mask = batch["caption_mask"][:, :length].to(device, non_blocking=True)  # (B, T')
+        categories = batch.get("categories")
+        if categories is not None:
+            categories = categories.to(device, non_blocking=True)  # (B, C) multi-hot
         with autocast:
-            losses = train_module(images, ids, mask)
+            losses = train_module(images, ids, mask, categories)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)

@@ -1,6 +1,7 @@
 """The training loss: the log's terms plus the objectives it proposed but never ran.
 
     loss = ce + diversity_weight * diversity + jepa_weight * jepa + infonce_weight * infonce
+           + category_weight * category
 
 - ce: next-byte cross-entropy, PAD targets ignored, label smoothing.
 - diversity: mean off-diagonal cosine similarity of the mean-pooled plans in the batch (the log's
@@ -13,9 +14,16 @@
         (no gradient into the target), by squared distance of the L2-normalised vectors.
 - infonce: symmetric InfoNCE between pooled plans and pooled caption embeddings; the other rows of
   the batch are the negatives; temperature objective.infonce_temperature.
+- category: the log's Run-0 "18-class classification" as a training signal. A linear head reads the
+  mean-pooled plan; softmax cross-entropy against the image's instance categories (several categories
+  share the target mass equally; images without any are left out of the term). Captioning alone
+  learns colour first and then stalls before shape on the Run-0 set: no shape feature is in the plan
+  for the decoder to learn to read, and the decoder gives the encoder no reason to make one. This term
+  gives the encoder that reason directly (measured in benchmarks/RESULTS.md).
 
-The terms have no parameters. The EMA target belongs to this module, not to VLJEPA, so parameter
-counts and model checkpoints do not change; its parameters never require gradients. For DDP wrap
+The EMA target and the category head belong to this module, not to VLJEPA, so parameter counts and
+model checkpoints do not change (the EMA target never requires gradients; the head is discarded after
+training, like a probe). For DDP wrap
 this module: every trainable parameter of the model then gets a gradient each step.
 """
 
@@ -47,9 +55,26 @@ class Objective(nn.Module):
         self.ema_encoder: nn.Module | None = None
         if cfg.jepa_weight > 0 and cfg.jepa_target == "ema_plan":
             self.ema_encoder = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+        self.category_head: nn.Linear | None = None
+        if cfg.category_weight > 0:
+            self.category_head = nn.Linear(model.cfg.embed_dim, cfg.num_categories)
+            nn.init.trunc_normal_(self.category_head.weight, std=0.02)
+            nn.init.zeros_(self.category_head.bias)
 
-    def forward(self, images: Tensor, caption_ids: Tensor, caption_mask: Tensor | None = None) -> dict[str, Tensor]:
-        """images (B, 3, S, S), caption_ids (B, T) long, caption_mask (B, T) bool -> scalar terms."""
+    @property
+    def needs_categories(self) -> bool:
+        """True when forward() must be given the batch's categories."""
+        return self.category_head is not None
+
+    def forward(
+        self,
+        images: Tensor,
+        caption_ids: Tensor,
+        caption_mask: Tensor | None = None,
+        categories: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """images (B, 3, S, S), caption_ids (B, T) long, caption_mask (B, T) bool, categories (B, C)
+        multi-hot (only with category_weight > 0) -> scalar terms."""
         cfg = self.cfg
         if caption_mask is None:
             caption_mask = caption_ids != PAD_ID
@@ -64,6 +89,15 @@ class Objective(nn.Module):
             text = self.model.encoder.text.pooled(caption_ids, caption_mask)  # (B, D)
             out["infonce"] = info_nce(plan.mean(1), text, cfg.infonce_temperature)
             loss = loss + cfg.infonce_weight * out["infonce"]
+        if self.category_head is not None:
+            if categories is None or categories.shape != (images.shape[0], cfg.num_categories):
+                got = None if categories is None else tuple(categories.shape)
+                raise ValueError(
+                    f"objective.category_weight > 0 needs categories of shape ({images.shape[0]}, "
+                    f"{cfg.num_categories}) (multi-hot, objective.num_categories), got {got}"
+                )
+            out["category"] = category_loss(self.category_head(plan.mean(1).float()), categories)
+            loss = loss + cfg.category_weight * out["category"]
         out["loss"] = loss
         return out
 
@@ -124,6 +158,21 @@ def info_nce(image: Tensor, text: Tensor, temperature: float) -> Tensor:
     logits = a @ b.T / temperature  # (B, B)
     labels = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def category_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Softmax CE of logits (B, C) against multi-hot targets (B, C), each row's mass split equally.
+
+    Rows without a category are left out; with none at all the term is 0 (and still part of the
+    graph, so DDP sees the head used).
+    """
+    targets = targets.float()
+    counts = targets.sum(1)  # (B,)
+    labelled = counts > 0
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    dist = targets[labelled] / counts[labelled].unsqueeze(1)  # (B', C), rows sum to 1
+    return -(dist * F.log_softmax(logits[labelled], dim=-1)).sum(1).mean()
 
 
 def random_patch_mask(batch: int, num_patches: int, ratio: float) -> Tensor:

@@ -15,11 +15,13 @@ from jobs.dataset import (
     DataError,
     build_eval_dataset,
     build_train_dataset,
+    check_categories,
     dataset_sizes,
     encode_captions,
     heldout_mask,
     load_eval_split,
     load_split,
+    multi_hot_categories,
     read_manifest,
     resolve_splits,
     torch_batches,
@@ -175,3 +177,33 @@ def test_eval_dataset_yields_every_caption(prepared_shapes, shapes_coco):
         build_eval_dataset(prepared_shapes, load_config("shapes", ["--data.val_split=x", "--data.val_fraction=0"]))
         is None
     )
+
+
+@pytest.mark.ray
+def test_train_dataset_carries_instance_categories_when_the_objective_needs_them(prepared_shapes, shapes_coco):
+    inst = COCO(str(shapes_coco / "annotations" / "instances_train.json"))
+    expected = {i: {a["category_id"] for a in inst.loadAnns(inst.getAnnIds(imgIds=[i]))} for i in inst.getImgIds()}
+    cfg = load_config("shapes", [*SHAPES_CFG, "--objective.category_weight=1", "--objective.num_categories=19"])
+    ep = _epoch(build_train_dataset(prepared_shapes, cfg))
+    assert ep["categories"].shape == (180, 19) and ep["categories"].dtype == torch.float32
+    for image_id, row in zip(ep["image_id"].tolist(), ep["categories"], strict=True):
+        assert set(torch.nonzero(row).flatten().tolist()) == expected[image_id] and row.sum() == 1
+    # without the term the column is not read at all
+    plain = load_config("shapes", [*SHAPES_CFG, "--objective.category_weight=0"])
+    assert "categories" not in next(iter(build_train_dataset(prepared_shapes, plain).iter_torch_batches(batch_size=4)))
+
+
+def test_category_checks_name_the_problem(prepared_shapes, tmp_path):
+    small = load_config("shapes", ["--objective.category_weight=1", "--objective.num_categories=10"])
+    with pytest.raises(DataError, match=r"category ids 1\.\.18: objective.num_categories=10 must be at least 19"):
+        check_categories(prepared_shapes, small)
+    with pytest.raises(DataError, match="outside objective.num_categories=10"):
+        multi_hot_categories([[1, 2], [12]], 10)
+    bare = tmp_path / "bare"
+    shutil.copytree(prepared_shapes, bare)
+    for split in ("train", "val"):
+        manifest = json.loads((bare / split / "manifest.json").read_text())
+        manifest["categories"] = []
+        (bare / split / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="needs instance categories.*without instances_<split>.json"):
+        check_categories(bare, load_config("shapes", ["--objective.category_weight=1"]))

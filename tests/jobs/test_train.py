@@ -154,6 +154,12 @@ def test_unknown_config_key_fails(tmp_path, capsys):
     assert code == 2 and "unknown config key 'train.epoch'" in err and "train.epochs" in err
 
 
+def test_category_head_too_small_for_the_data_fails(prepared_shapes, capsys):
+    args = ["--objective.category_weight=1", "--objective.num_categories=5"]
+    code, err, _ = _main(capsys, "--preset", "shapes", "--data", str(prepared_shapes), *args)
+    assert code == 2 and "objective.num_categories=5 must be at least 19" in err
+
+
 def test_unknown_preset_fails(tmp_path, capsys):
     code, err, _ = _main(capsys, "--preset", "nope", "--data", str(tmp_path))
     assert code == 2 and "unknown preset 'nope'" in err

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model.config import ObjectiveConfig, load_config
 from model.model import VLJEPA, build_model, trainable_parameters
-from model.objectives import Objective, caption_ce, info_nce, plan_diversity, random_patch_mask
+from model.objectives import Objective, caption_ce, category_loss, info_nce, plan_diversity, random_patch_mask
 from model.tokenizer import ByteTokenizer
 
 
@@ -164,3 +164,40 @@ def test_text_target_is_stop_grad_but_infonce_trains_the_text_tower() -> None:
         out[term].backward()
         grad = model.encoder.text.tok_embed.weight.grad
         assert bool(grad[rows].abs().sum() > 0) is expect_grad
+
+
+# ---------------------------------------------------------------------------
+# The category term (the log's Run-0 classification as a training signal)
+
+
+def test_category_loss_is_cross_entropy_with_shared_mass() -> None:
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    one = torch.zeros(4, 6)
+    one[torch.arange(4), torch.tensor([0, 3, 5, 2])] = 1
+    assert torch.allclose(category_loss(logits, one), F.cross_entropy(logits, torch.tensor([0, 3, 5, 2])))
+    # two categories share the mass; an unlabelled row is left out of the mean
+    two = torch.tensor([[1.0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    expected = -(0.5 * F.log_softmax(logits[0], -1)[:2]).sum()
+    assert torch.allclose(category_loss(logits[:2], two), expected)
+    none = category_loss(logits.requires_grad_(), torch.zeros(4, 6))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_category_head_trains_the_encoder_but_stays_out_of_the_model() -> None:
+    model = make_model()
+    before = trainable_parameters(model)
+    obj = objective(model, category_weight=0.5, num_categories=7)
+    assert obj.needs_categories and trainable_parameters(model) == before  # checkpoints keep their size
+    assert not any(k.startswith("category_head") for k in model.state_dict())
+    images, ids, mask = make_batch()
+    cats = F.one_hot(torch.tensor([1, 2, 6, 1]), 7).float()
+    out = obj(images, ids, mask, cats)
+    assert torch.allclose(out["loss"], out["ce"] + 0.5 * out["category"])
+    out["category"].backward()
+    assert obj.category_head.weight.grad.abs().sum() > 0
+    assert model.encoder.vision.patch_embed.weight.grad.abs().sum() > 0  # through the plan
+    assert model.decoder.head.weight.grad is None  # the decoder plays no part in this term
+    with pytest.raises(ValueError, match=r"needs categories of shape \(4, 7\).*got \(4, 6\)"):
+        obj(images, ids, mask, cats[:, :6])
+    with pytest.raises(ValueError, match="got None"):
+        obj(images, ids, mask)
