@@ -131,10 +131,12 @@ def test_two_trial_sweep_gives_a_table_of_real_metrics(ray_local, prepared_shape
 
 @pytest.mark.slow
 def test_asha_stops_a_losing_trial_early(ray_local, prepared_shapes, tmp_path):
-    # One learning trial and three that barely move: whichever order they report epoch 1 in,
-    # a near-initial val_ce below the median of those already recorded is stopped.
+    # One learning trial and three that barely move. ASHA stops a trial whose epoch-1 val_ce is worse than
+    # the median of those already recorded, so the three are listed with falling lr (start order ~ report
+    # order): each near-initial val_ce is then a little worse than the one before it. (With rising lr they
+    # improved in report order and, the learning trial reporting last, none was ever worse than the median.)
     storage = tmp_path / "runs"
-    space = _space_file(tmp_path, {"train.lr": [3e-3, 1e-7, 2e-7, 3e-7]}, epochs=3)
+    space = _space_file(tmp_path, {"train.lr": [3e-3, 3e-6, 1e-6, 3e-7]}, epochs=3)
     argv = ["--space", space, "--data", str(prepared_shapes), "--storage", str(storage), "--name", "asha"]
     rc = main([*argv, "--grace-period=1", "--reduction-factor=2", *SHARE, *_tracking(tmp_path)])
     assert rc == 0
