@@ -296,8 +296,9 @@ def multi_hot_categories(category_ids: list[Any], num_categories: int) -> np.nda
     out = np.zeros((len(category_ids), num_categories), dtype=np.float32)
     for row, ids in enumerate(category_ids):
         ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= num_categories):
-            raise DataError(f"category id {int(ids.max())} is outside objective.num_categories={num_categories}")
+        bad = ids[(ids < 0) | (ids >= num_categories)]
+        if len(bad):
+            raise DataError(f"category id {int(bad[0])} is outside objective.num_categories={num_categories}")
         out[row, ids] = 1.0
     return out
 

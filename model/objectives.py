@@ -23,8 +23,8 @@
 
 The EMA target and the category head belong to this module, not to VLJEPA, so parameter counts and
 model checkpoints do not change (the EMA target never requires gradients; the head is discarded after
-training, like a probe). For DDP wrap
-this module: every trainable parameter of the model then gets a gradient each step.
+training, like a probe). For DDP wrap this module: every trainable parameter of the model then gets a
+gradient each step.
 """
 
 from __future__ import annotations
