@@ -1,6 +1,6 @@
 """The log's Run 0 as a learning curve, in one process (no Ray): how fast does a preset learn shapes?
 
-    python -m benchmarks.run0 [--steps 2000] [--per-class 300] [--eval-every 500] [--section.key=value ...]
+    python -m benchmarks.run0 [--steps 2000] [--per-class 400] [--eval-every 500] [--section.key=value ...]
 
 Draws the synthetic shapes set in memory with `jobs.make_shapes` (train and held-out val from their own
 seeds, exactly the images `make_shapes` writes), trains the `shapes` preset's `Objective` (the loss the
@@ -74,8 +74,11 @@ def evaluate(model: VLJEPA, train: ShapesSplit, val: ShapesSplit, tok: ByteToken
     }
 
 
-def run(cfg: Config, *, steps: int, per_class: int, val_per_class: int, eval_every: int) -> list[dict[str, float]]:
-    """Train for `steps` batches of cfg.train.batch_size; returns one dict per evaluation."""
+def run(
+    cfg: Config, *, steps: int, per_class: int, val_per_class: int, eval_every: int, schedule_steps: int = 0
+) -> list[dict[str, float]]:
+    """Train for `steps` batches of cfg.train.batch_size on a warmup + cosine schedule of `schedule_steps`
+    (0: `steps`; more: stop part way through a longer run's schedule); returns one dict per evaluation."""
     torch.manual_seed(cfg.train.seed)
     size = cfg.model.image_size
     train, val = ShapesSplit("train", per_class, size), ShapesSplit("val", val_per_class, size)
@@ -83,10 +86,11 @@ def run(cfg: Config, *, steps: int, per_class: int, val_per_class: int, eval_eve
     objective = Objective(model, cfg.objective)
     tok = ByteTokenizer(cfg.model.max_seq_length)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warmup = max(1, steps // 10)
+    horizon = max(steps, schedule_steps)
+    warmup = max(1, horizon // 10)
 
     def schedule(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / steps)))
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / horizon)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -123,9 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run0", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="shapes")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--per-class", type=int, default=300, help="train images per class")
+    parser.add_argument("--per-class", type=int, default=400, help="train images per class (the demo: 400)")
     parser.add_argument("--val-per-class", type=int, default=10, help="held-out images per class")
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--schedule-steps", type=int, default=0, help="cosine horizon, if longer than --steps")
     parser.add_argument("--threads", type=int, default=2)
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
@@ -134,7 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"preset {args.preset} {' '.join(overrides)}: {args.steps} steps of {cfg.train.batch_size}, "
         f"{args.per_class * 18} train / {args.val_per_class * 18} held-out images, {args.threads} threads"
     )
-    run(cfg, steps=args.steps, per_class=args.per_class, val_per_class=args.val_per_class, eval_every=args.eval_every)
+    run(
+        cfg,
+        steps=args.steps,
+        per_class=args.per_class,
+        val_per_class=args.val_per_class,
+        eval_every=args.eval_every,
+        schedule_steps=args.schedule_steps,
+    )
     return 0
 
 

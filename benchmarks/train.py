@@ -1,4 +1,4 @@
-"""Training throughput at the log's seed config (seed_run2 model, batch 32, 64x64 images).
+"""Training throughput at the log's seed config (seed_run2 model, batch 32, 64x64 images), or any preset.
 
     python -m benchmarks.train [--steps 10] [--warmup 3] [--batch 32] [--compile]
 
@@ -68,11 +68,15 @@ def measure(cfg: Config, device: torch.device, *, steps: int, warmup: int, batch
     step_fn = torch.compile(objective) if compile_ else objective
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     images, ids, mask = make_batch(cfg, batch, device)
+    categories = None
+    if objective.needs_categories:  # e.g. the shapes preset: one random class per image, multi-hot
+        labels = torch.randint(1, cfg.objective.num_categories, (batch,), generator=torch.Generator().manual_seed(0))
+        categories = torch.nn.functional.one_hot(labels, cfg.objective.num_categories).float().to(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def one_step() -> None:
         with autocast:
-            loss = step_fn(images, ids, mask)["loss"]
+            loss = step_fn(images, ids, mask, categories)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -10,7 +10,7 @@ Output (the same layout as a COCO download, so one `prepare` serves both):
     DIR/annotations/instances_{train,val}.json   one instance per image: bbox, polygon, its class (18 categories)
     DIR/{train,val}/<image_id:012d>.png           PNG, so flat colours carry no JPEG ringing
 
-Every image has its own background tone, shape size, position and rotation (triangles), and a
+Every image has its own light background tone, shape size, position and rotation (triangles), and a
 small jitter on the shape colour, so no two images are identical (checked by hash, redrawn on a
 collision). Everything derives from `--seed`: the same arguments give byte-identical files.
 """
@@ -43,6 +43,14 @@ SUPERSAMPLE = 4  # draw at 4x and downsample: antialiased edges without a drawin
 # Shape diameter as a share of the side. Shapes fill most of the frame: at 32 px a small triangle and
 # a small circle differ by a few antialiased pixels, and a from-scratch ViT then learns shape slowly.
 SIZE_RANGE = (0.6, 0.9)
+# Grey level of the background: light "paper" tones. Every one of the six colours is then darker than
+# its background in at least one channel, so a shape's edges have one polarity per colour; over
+# (20, 235) half the shapes were lighter than their background and circles and squares took the ViT
+# longer to tell apart (benchmarks/RESULTS.md, "Run 0").
+BACKGROUND_RANGE = (170, 250)
+# Half the square's side as a share of the radius: a square as wide as the circle of the same size, so
+# the two differ by four filled corners (each ~5% of the bounding box), not by a slightly smaller area.
+SQUARE_HALF = 1.0
 
 
 def category_id(colour: str, shape: str) -> int:
@@ -81,7 +89,7 @@ def draw_shape(rng: random.Random, colour: str, shape: str, size: int) -> tuple[
     """One image: returns (image, bbox [x, y, w, h], polygon [x1, y1, ...])."""
     big = size * SUPERSAMPLE
     # Backgrounds are low-saturation tones, so they never look like one of the six shape colours.
-    grey = rng.randint(20, 235)
+    grey = rng.randint(*BACKGROUND_RANGE)
     tint = [max(0, min(255, grey + rng.randint(-12, 12))) for _ in range(3)]
     fill = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLOURS[colour])
 
@@ -96,7 +104,7 @@ def draw_shape(rng: random.Random, colour: str, shape: str, size: int) -> tuple[
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
         points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in _angles(16, 0.0)]
     elif shape == "square":
-        half = radius * 0.85  # a square of the same "size" looks bigger than a circle; even them out
+        half = radius * SQUARE_HALF
         points = [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
         draw.polygon(points, fill=fill)
     else:

@@ -1,6 +1,10 @@
-"""Run 0 on a reduced budget, in one process: the `shapes` recipe gets shape, not only colour, through
-the plan. The log's 100% / 100% is NOT asserted: the demo's full budget (~2,000 steps) reached 98.3% /
-98.3% on 180 held-out images (benchmarks/RESULTS.md), and 600 steps reach ~58% / ~60%."""
+"""Run 0 on a reduced budget, in one process: the `shapes` recipe reaches the log's 100% exact greedy
+captions and 100% probe accuracy on held-out images.
+
+Reduced from the demo (Ray Train, 9 epochs of the same 7,200 images = ~2,000 steps) to the first 1,500 steps
+of the same warmup + cosine horizon, with no Ray and no files. Measured on the 2-core VM (benchmarks/RESULTS.md,
+"Run 0"): on this horizon five seeds were all at 100% / 100% from step 1,250 on (this one from step 1,000).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from model.transform import ImageTransform
 
 pytestmark = pytest.mark.slow
 
-STEPS = 600  # ~1.5 min on 2 cores
-SHAPE_FLOOR = 45.0  # % of held-out greedy captions naming the right shape (chance 33%; 58% measured)
-PROBE_FLOOR = 45.0  # % held-out probe accuracy on the pooled plan (colour alone: ~35-42%; 60% measured)
+SCHEDULE_STEPS = 2_000  # the demo's warmup + cosine horizon (9 epochs of 225 batches of 32)
+STEPS = 1_500  # the first three quarters of it: ~3.5 min on 2 cores
+PER_CLASS = 400  # the demo's 7,200 training images
+VAL_PER_CLASS = 10  # the demo's 180 held-out images
 
 
 def test_in_memory_split_is_the_written_set(tmp_path):
@@ -29,11 +34,17 @@ def test_in_memory_split_is_the_written_set(tmp_path):
         assert torch.allclose(split.images[i], ImageTransform(32)(path.read_bytes()), atol=1e-6)
 
 
-def test_shapes_recipe_learns_shape_through_the_plan_on_a_reduced_budget():
+def test_shapes_preset_reaches_run0_on_a_reduced_budget():
     with torch.random.fork_rng():
         cfg = load_config("shapes")
-        history = run(cfg, steps=STEPS, per_class=100, val_per_class=4, eval_every=STEPS)
+        history = run(
+            cfg,
+            steps=STEPS,
+            schedule_steps=SCHEDULE_STEPS,
+            per_class=PER_CLASS,
+            val_per_class=VAL_PER_CLASS,
+            eval_every=STEPS,
+        )
     final = history[-1]
-    assert final["colour_pct"] >= 90.0
-    # captioning alone (objective.category_weight=0) stays at 33% shape for 3,000 steps
-    assert final["shape_pct"] >= SHAPE_FLOOR and final["probe_pct"] >= PROBE_FLOOR, final
+    # captioning alone (objective.category_weight=0) names the colour but stays at chance (33%) on shape
+    assert final["exact_pct"] == 100.0 and final["probe_pct"] == 100.0, final
