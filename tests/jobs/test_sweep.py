@@ -131,14 +131,16 @@ def test_two_trial_sweep_gives_a_table_of_real_metrics(ray_local, prepared_shape
 
 @pytest.mark.slow
 def test_asha_stops_a_losing_trial_early(ray_local, prepared_shapes, tmp_path):
-    # One learning trial and three that barely move. ASHA stops a trial whose epoch-1 val_ce is worse than
-    # the median of those already recorded, so the three are listed with falling lr (start order ~ report
-    # order): each near-initial val_ce is then a little worse than the one before it. (With rising lr they
-    # improved in report order and, the learning trial reporting last, none was ever worse than the median.)
+    # One learning trial and three that barely move, run one at a time in the listed order, so the result
+    # cannot depend on which concurrent trial reports first. ASHA (reduction factor 2) stops a trial whose
+    # epoch-1 val_ce is worse than the median of those already recorded: the learning trial records first,
+    # so the first near-initial trial after it is always worse and is stopped; the learning trial, first at
+    # every rung, always runs its 3 epochs. (With trials concurrent, near-initial trials that happened to
+    # report in improving order were never worse than the median, and nothing was stopped.)
     storage = tmp_path / "runs"
     space = _space_file(tmp_path, {"train.lr": [3e-3, 3e-6, 1e-6, 3e-7]}, epochs=3)
     argv = ["--space", space, "--data", str(prepared_shapes), "--storage", str(storage), "--name", "asha"]
-    rc = main([*argv, "--grace-period=1", "--reduction-factor=2", *SHARE, *_tracking(tmp_path)])
+    rc = main([*argv, "--grace-period=1", "--reduction-factor=2", "--max-concurrent=1", *SHARE, *_tracking(tmp_path)])
     assert rc == 0
     rows = _rows(storage, "asha")
     assert len(rows) == 4
