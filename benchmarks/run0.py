@@ -24,6 +24,7 @@ import torch
 from jobs import make_shapes
 from jobs.caption_metrics import exact_match
 from jobs.dataset import multi_hot_categories
+from jobs.optim import optimizer_step
 from jobs.probe import single_label_probe
 from model.config import Config, load_config
 from model.generation import caption_images
@@ -104,12 +105,7 @@ def run(
         if objective.needs_categories:
             categories = torch.from_numpy(multi_hot_categories([[train.labels[i]] for i in rows], num_categories))
         losses = objective(train.images[rows], ids, mask, categories)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        objective.update_ema()
+        optimizer_step(objective, losses["loss"], optimizer, scheduler, cfg.train.grad_clip)
         if step % eval_every == 0 or step == steps:
             row = {"step": float(step), "ce": losses["ce"].item(), **evaluate(model, train, val, tok)}
             row["elapsed_s"] = time.perf_counter() - started

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from jobs.optim import optimizer_step
 from model.config import Config, load_config
 from model.model import build_model, query_token_ids, trainable_parameters
 from model.objectives import Objective
@@ -66,7 +67,7 @@ def measure(cfg: Config, device: torch.device, *, steps: int, warmup: int, batch
     model = build_model(cfg.model)
     objective = Objective(model, cfg.objective).to(device)
     step_fn = torch.compile(objective) if compile_ else objective
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     images, ids, mask = make_batch(cfg, batch, device)
     categories = None
     if objective.needs_categories:  # e.g. the shapes preset: one random class per image, multi-hot
@@ -77,10 +78,7 @@ def measure(cfg: Config, device: torch.device, *, steps: int, warmup: int, batch
     def one_step() -> None:
         with autocast:
             loss = step_fn(images, ids, mask, categories)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        optimizer_step(objective, loss, optimizer, None, cfg.train.grad_clip)
 
     for _ in range(warmup):
         one_step()

@@ -16,7 +16,6 @@ containers only, so `torch.load(weights_only=True)` reads it back.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import tempfile
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from jobs import dataset
 from jobs.caption_metrics import normalize
+from jobs.optim import optimizer_step, warmup_cosine
 from model.checkpoint import load_model, save_model
 from model.config import Config
 from model.generation import caption_images
@@ -147,12 +147,7 @@ def train_epoch(
             categories = categories.to(device, non_blocking=True)  # (B, C) multi-hot
         with autocast:
             losses = train_module(images, ids, mask, categories)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        objective.update_ema()
+        optimizer_step(objective, losses["loss"], optimizer, scheduler, cfg.train.grad_clip)
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         steps += 1
@@ -161,18 +156,6 @@ def train_epoch(
     out = {key: value / max(steps, 1) for key, value in sums.items()}
     out["samples"] = float(samples)
     return out
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier per step: linear warmup to 1, then cosine to 0 at `total_steps` (the log's schedule)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def _autocast(cfg: Config, device: torch.device) -> Any:

@@ -188,7 +188,7 @@ def test_cluster_check_counts_cpus_for_workers_and_data(monkeypatch):
 
 
 def test_warmup_then_cosine_schedule():
-    from jobs.train_loop import warmup_cosine
+    from jobs.optim import warmup_cosine
 
     f = warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
