@@ -1,8 +1,9 @@
-"""The plan wire format: sizes, fp16/int8 round trips, and every rejection with its own error class."""
+"""The plan wire format: sizes, fp16/int8/intN round trips, compression, and every rejection with its error class."""
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from model.codec import (
     HEADER_SIZE,
     MAGIC,
+    SCALE_GRID,
+    PlanCompressionError,
     PlanDtypeError,
     PlanError,
     PlanFingerprintError,
@@ -21,6 +24,7 @@ from model.codec import (
     PlanVersionError,
     decode_plan,
     encode_plan,
+    parse_format,
     parse_header,
     plan_nbytes,
 )
@@ -180,6 +184,146 @@ def test_check_order_length_before_shape_before_fingerprint(wire):
     for cls in (PlanLengthError, PlanFormatError, PlanVersionError, PlanDtypeError, PlanShapeError):
         assert issubclass(cls, PlanError) and issubclass(cls, ValueError)
     assert issubclass(PlanFingerprintError, PlanError)
+
+
+# --- bit-packed intN with per-row scales ----------------------------------------
+
+BITS = {"int4": 4, "int3": 3, "int2": 2}
+
+
+def test_packed_sizes():
+    assert plan_nbytes(8, 128, "int4") == 8 * 2 + 8 * 128 // 2  # 528: the shapes preset's plan
+    assert plan_nbytes(8, 128, "int3") == 16 + 384
+    assert plan_nbytes(8, 128, "int2") == 16 + 256
+    assert plan_nbytes(3, 5, "int3") == 6 + 6  # 45 bits round up to 6 bytes
+    for dtype in BITS:
+        data = encode_plan(layer_normed_plan(3, 5), fingerprint=FP, dtype=dtype)
+        assert len(data) == HEADER_SIZE + plan_nbytes(3, 5, dtype)
+        assert parse_header(data).dtype == dtype and parse_header(data).compression == "none"
+
+
+def test_packed_layout_by_hand():
+    # int2 has 4 levels (q - 1.5) * s. Row [-1.5, 1.5] at s = 1 is exact: codes 0 and 3,
+    # packed least significant bit first -> bits 00 11 -> 0b00001100. The scale 1.0 is fp16 0x3C00.
+    data = encode_plan(torch.tensor([[-1.5, 1.5]]), fingerprint=FP, dtype="int2")
+    assert data[5] == 5  # dtype code int2, no compression
+    assert data[HEADER_SIZE:] == b"\x00\x3c" + bytes([0b00001100])
+    assert torch.equal(decode_plan(data), torch.tensor([[-1.5, 1.5]]))
+    # int4: 16 levels (q - 7.5) * s; [-7.5, 7.5, 0.5] at s = 1 -> codes 0, 15, 8 -> bytes 0xF0, 0x08.
+    data = encode_plan(torch.tensor([[-7.5, 7.5, 0.5]]), fingerprint=FP, dtype="int4")
+    assert data[HEADER_SIZE:] == b"\x00\x3c" + bytes([0xF0, 0x08])
+    assert torch.equal(decode_plan(data), torch.tensor([[-7.5, 7.5, 0.5]]))
+
+
+@pytest.mark.parametrize("dtype", list(BITS))
+def test_packed_round_trip_bounds(dtype):
+    bits = BITS[dtype]
+    half = ((1 << bits) - 1) / 2
+    plan = layer_normed_plan()
+    plan[3] *= 100.0  # a loud row: per-row scales keep it from costing the other rows precision
+    data = encode_plan(plan, fingerprint=FP, dtype=dtype)
+    out = decode_plan(data, expect_k=K, expect_d=D, expect_fingerprint=FP)
+    steps = torch.from_numpy(np.frombuffer(data[HEADER_SIZE : HEADER_SIZE + 2 * K], dtype="<f2").astype(np.float32))
+    s = steps.unsqueeze(1)  # (K, 1)
+    # Every value is one of the row's levels (q - half) * s, q in [0, 2^bits).
+    q = out / s + half
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.min() >= -1e-3 and q.max() <= 2 * half + 1e-3
+    # Inside the clipping range the error is at most half a step; beyond it the value saturates.
+    inside = plan.abs() <= s * half
+    assert ((out - plan).abs()[inside] <= (s / 2 * 1.0001).expand_as(plan)[inside]).all()
+    assert torch.equal(out[~inside].abs(), (s * half).expand_as(plan)[~inside])
+    assert torch.equal(out[~inside].sign(), plan[~inside].sign())
+    # The chosen clipping point is never worse than plain absmax (no clipping), per row.
+    absmax_step = torch.from_numpy((plan.abs().amax(1).numpy() / half).astype("<f2").astype(np.float32)).unsqueeze(1)
+    absmax_out = ((plan / absmax_step + half + 0.5).floor().clamp(0, 2 * half) - half) * absmax_step
+    mse, absmax_mse = ((out - plan) ** 2).sum(1), ((absmax_out - plan) ** 2).sum(1)
+    assert (mse <= absmax_mse * (1 + 1e-5)).all()
+    assert (steps <= plan.abs().amax(1) / half * 1.001).all()
+    assert (steps >= plan.abs().amax(1) / half * SCALE_GRID[0] * 0.999).all()
+
+
+def test_packed_error_grows_as_bits_shrink_and_zero_rows_stay_zero():
+    plan = layer_normed_plan()
+    plan[5] = 0.0
+    errors = []
+    for dtype in ("int8", "int4", "int3", "int2"):
+        out = decode_plan(encode_plan(plan, fingerprint=FP, dtype=dtype))
+        assert (out[5] == 0).all(), dtype
+        errors.append(float(((out - plan) ** 2).mean() / (plan**2).mean()))
+    assert errors == sorted(errors) and errors[0] < 1e-4
+    assert errors[1] < 0.02 and errors[3] < 0.2  # a Gaussian's optimal uniform 4-/2-bit error: ~0.01 / ~0.12
+
+
+# --- lossless compression of the payload -----------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzma"])
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "int4", "int2"])
+def test_compressed_round_trip_equals_uncompressed(dtype, compression):
+    plan = layer_normed_plan()
+    plain = encode_plan(plan, fingerprint=FP, dtype=dtype)
+    packed = encode_plan(plan, fingerprint=FP, dtype=dtype, compression=compression)
+    head = parse_header(packed)
+    assert (head.dtype, head.compression) == (dtype, compression)
+    assert packed[5] == plain[5] | {"zlib": 1, "lzma": 2}[compression] << 4  # the flag: byte 5's high bits
+    assert packed[:5] == plain[:5] and packed[6:HEADER_SIZE] == plain[6:HEADER_SIZE]
+    assert torch.equal(decode_plan(packed, expect_k=K, expect_d=D, expect_fingerprint=FP), decode_plan(plain))
+
+
+def test_compression_shrinks_redundant_plans():
+    plan = layer_normed_plan()
+    plan[8:] = plan[:8]  # half the rows repeat: a lossless coder finds that
+    for compression in ("zlib", "lzma"):
+        size = len(encode_plan(plan, fingerprint=FP, compression=compression))
+        assert size < HEADER_SIZE + 8192 * 0.6, (compression, size)
+
+
+def test_parse_format():
+    assert parse_format("int4+zlib") == ("int4", "zlib")
+    assert parse_format("fp16") == ("fp16", "none")
+    with pytest.raises(PlanDtypeError, match="int5"):
+        parse_format("int5")
+    with pytest.raises(PlanDtypeError, match="gzip"):
+        parse_format("int4+gzip")
+    with pytest.raises(PlanDtypeError, match="brotli"):
+        encode_plan(layer_normed_plan(), fingerprint=FP, compression="brotli")  # type: ignore[arg-type]
+
+
+def test_rejects_unknown_compression_code(wire):
+    with pytest.raises(PlanDtypeError, match="compression code.*got 3"):
+        decode_plan(wire[:5] + bytes([0x31]) + wire[6:])
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzma"])
+def test_rejects_truncated_or_padded_compressed_payload(compression):
+    data = encode_plan(layer_normed_plan(), fingerprint=FP, dtype="int4", compression=compression)
+    with pytest.raises(PlanCompressionError, match="truncated"):
+        decode_plan(data[:-3])
+    with pytest.raises(PlanCompressionError, match="after the compressed stream"):
+        decode_plan(data + b"junk")
+    with pytest.raises(PlanCompressionError):
+        decode_plan(data[:HEADER_SIZE])  # a header and no stream at all
+
+
+def test_rejects_corrupt_zlib_payload():
+    data = bytearray(encode_plan(layer_normed_plan(), fingerprint=FP, dtype="int8", compression="zlib"))
+    data[HEADER_SIZE + 40] ^= 0xFF  # zlib's Adler-32 catches a flipped byte
+    with pytest.raises(PlanCompressionError, match="corrupt"):
+        decode_plan(bytes(data))
+    with pytest.raises(PlanCompressionError, match="corrupt"):
+        decode_plan(bytes(data[:5]) + bytes([0x11]) + bytes(data[6:HEADER_SIZE]) + b"not zlib at all")
+
+
+def test_rejects_compressed_payload_of_the_wrong_size():
+    head = encode_plan(layer_normed_plan(), fingerprint=FP, dtype="int4", compression="zlib")[:HEADER_SIZE]
+    want = plan_nbytes(K, D, "int4")
+    with pytest.raises(
+        PlanLengthError, match=f"expected {HEADER_SIZE + want} bytes, got {HEADER_SIZE + want - 1} after"
+    ):
+        decode_plan(head + zlib.compress(bytes(want - 1)))
+    # A small header over a huge stream (a zip bomb) stops after want + 1 bytes of output.
+    with pytest.raises(PlanLengthError, match="got more"):
+        decode_plan(head + zlib.compress(bytes(50_000_000)))
 
 
 # --- int8 on a trained model: greedy captions rarely change -----------------------
