@@ -57,6 +57,9 @@ class ModelConfig:
     gate_init_logit: float = 2.0  # Run 3: sigmoid(2) ~ 0.88, "initialised high"
     vision_backbone: VisionBackbone = "scratch"  # "frozen": vision encoder not trained
     vision_weights: str = ""  # checkpoint to take the vision encoder from (frozen backbone)
+    # Learned transport projection: the encoder emits (P, wire_dim) plans through a Linear(D, wire_dim)
+    # and the decoder expands them with a Linear(wire_dim, D), trained with the model. 0 = off (P, D).
+    wire_dim: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -70,6 +73,11 @@ class ModelConfig:
     def plan_len(self) -> int:
         """Rows of the plan the decoder reads: K, or every patch without a bottleneck."""
         return self.num_latent_vectors if self.bottleneck == "plan" else self.num_patches
+
+    @property
+    def plan_dim(self) -> int:
+        """Width of the plan the encoder emits and the decoder reads (what the codec ships): D or wire_dim."""
+        return self.wire_dim or self.embed_dim
 
 
 @dataclass
@@ -193,6 +201,13 @@ class Config:
         if m.max_seq_length < max(query_tokens, 4):
             problems.append(
                 f"model.max_seq_length={m.max_seq_length} is shorter than the query ({query_tokens} tokens)"
+            )
+        if m.wire_dim < 0:
+            problems.append(f"model.wire_dim={m.wire_dim} must be >= 0 (0 = no transport projection)")
+        if m.wire_dim and (o.infonce_weight > 0 or (o.jepa_weight > 0 and o.jepa_target == "text")):
+            problems.append(
+                f"model.wire_dim={m.wire_dim}: objective.infonce_weight / objective.jepa_target=text compare the "
+                f"pooled plan with D={m.embed_dim} text embeddings; the plan is then {m.wire_dim} wide"
             )
         for name in ("plan_dropout", "word_dropout"):
             if not 0.0 <= getattr(m, name) < 1.0:

@@ -353,16 +353,22 @@ class PlanEncoder(nn.Module):
             self.text = TextEncoder(cfg)
             self.fusion = Fusion(cfg)
             self.predictor = SemanticPredictor(cfg)
+        # The transport projection (model.wire_dim): what crosses the wire is (B, P, wire_dim).
+        self.wire_down = nn.Linear(cfg.embed_dim, cfg.wire_dim) if cfg.wire_dim else None
         # Not persistent: rebuilt from cfg.query_text, so it never appears in checkpoints.
         self.register_buffer("query_ids", torch.tensor([query_token_ids(cfg.query_text)]), persistent=False)
 
     def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         patches = self.vision(images, patch_mask)  # (B, N, D)
         if self.bottleneck == "none":
-            return patches
+            return self.to_wire(patches)
         query = self.text(self.query_ids)  # (1, S, D): the prompt is the same for every row
         fused = self.fusion(query.expand(images.shape[0], -1, -1), patches)  # (B, S, D)
-        return self.predictor(fused)  # (B, K, D)
+        return self.to_wire(self.predictor(fused))  # (B, K, plan_dim)
+
+    def to_wire(self, plan: Tensor) -> Tensor:
+        """(B, P, D) -> (B, P, plan_dim): the learned projection down to model.wire_dim, if any."""
+        return plan if self.wire_down is None else self.wire_down(plan)
 
 
 # ---------------------------------------------------------------------------
@@ -399,11 +405,17 @@ class TextDecoder(nn.Module):
         self.head = nn.Linear(D, cfg.vocab_size, bias=False)
         self.plan_bias = nn.Linear(D, D) if cfg.conditioning == "gated" else None
         self.plan_to_prefix = nn.Linear(D, D) if cfg.conditioning == "prefix_film" else None
+        self.plan_dim = cfg.plan_dim
+        # The transport projection's other half: (B, P, wire_dim) -> (B, P, D), trained with the model.
+        self.wire_up = nn.Linear(cfg.wire_dim, D) if cfg.wire_dim else None
 
     def context(self, plan: Tensor) -> PlanContext:
-        """Plan dropout (training only), the pooled plan and the gated bias."""
-        if plan.ndim != 3 or plan.shape[1] != self.plan_len:
-            raise ValueError(f"plan must be (B, {self.plan_len}, D), got {tuple(plan.shape)}")
+        """Expand a wire_dim plan, plan dropout (training only), the pooled plan and the gated bias."""
+        if plan.ndim != 3 or plan.shape[1] != self.plan_len or plan.shape[2] != self.plan_dim:
+            width = f"D={self.plan_dim}" + ("" if self.wire_up is None else " (model.wire_dim)")
+            raise ValueError(f"plan must be (B, {self.plan_len}, D) with {width}, got {tuple(plan.shape)}")
+        if self.wire_up is not None:
+            plan = self.wire_up(plan)  # (B, P, wire_dim) -> (B, P, D)
         if self.training and self.plan_dropout > 0:
             plan = F.dropout(plan, self.plan_dropout)
         cond = plan.mean(1)  # (B, D)

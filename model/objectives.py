@@ -57,7 +57,7 @@ class Objective(nn.Module):
             self.ema_encoder = copy.deepcopy(model.encoder).requires_grad_(False).eval()
         self.category_head: nn.Linear | None = None
         if cfg.category_weight > 0:
-            self.category_head = nn.Linear(model.cfg.embed_dim, cfg.num_categories)
+            self.category_head = nn.Linear(model.cfg.plan_dim, cfg.num_categories)
             nn.init.trunc_normal_(self.category_head.weight, std=0.02)
             nn.init.zeros_(self.category_head.bias)
 
