@@ -41,3 +41,15 @@ def optimizer_step(
     if scheduler is not None:
         scheduler.step()
     objective.update_ema()
+
+
+def steps_per_epoch(rows: int, batch_size: int, num_workers: int) -> int:
+    """Optimiser steps per epoch, as the workers take them: the LR schedule's horizon is counted in these.
+
+    Ray Train splits the training rows equally (`streaming_split(equal=True)` drops the remainder, so each
+    worker gets rows // num_workers), and every worker steps on batches of batch_size // num_workers, the last
+    one partial. All workers therefore take the same number of steps, which DDP requires.
+    """
+    per_worker_rows = rows // num_workers
+    per_worker_batch = max(1, batch_size // num_workers)
+    return max(1, math.ceil(per_worker_rows / per_worker_batch))

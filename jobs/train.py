@@ -18,7 +18,7 @@ mechanism restarts the worker group from the last checkpoint after a worker dies
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
 import signal
 import sys
@@ -36,9 +36,12 @@ import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from jobs import dataset  # noqa: E402
+from jobs.optim import steps_per_epoch  # noqa: E402
 from jobs.runtime import ensure_ray  # noqa: E402
-from jobs.train_loop import train_loop_per_worker  # noqa: E402
+from jobs.train_loop import VISION_FINGERPRINT_KEY, init_vision, train_loop_per_worker  # noqa: E402
+from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import PRESETS, Config, ConfigError, load_config  # noqa: E402
+from model.model import build_model  # noqa: E402
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Train V2's record of reported checkpoints
 FORWARDED_ENV_PREFIX = "VLJEPA_"  # driver env vars copied to the workers (test hooks, autoscaling hint)
@@ -66,6 +69,44 @@ class TrainResult:
 # Checks that must fail fast
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """What the driver learned before touching Ray; handed down so nothing is read or checked twice."""
+
+    cfg: Config  # model.vision_weights made absolute (workers run in other folders)
+    data_dir: str  # absolute
+    n_train: int  # training rows per epoch
+    n_val: int  # validation images
+    steps_per_epoch: int  # optimiser steps each worker takes per epoch (the LR horizon's unit)
+    vision_fingerprint: str | None  # of the vision tensors in model.vision_weights
+
+
+def preflight(cfg: Config, data_dir: str) -> Preflight:
+    """Every check that needs no Ray: the data folder, the batch split, the vision weights.
+
+    Raises dataset.DataError or ConfigError with a message naming the offending value.
+    """
+    t = cfg.train
+    if t.batch_size % t.num_workers:
+        # Workers step on batch_size // num_workers rows: an uneven split would silently train another batch size.
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not split evenly over train.num_workers={t.num_workers}: "
+            f"use a multiple of {t.num_workers}"
+        )
+    cfg, vision_fingerprint = check_vision_weights(cfg)
+    n_train, n_val = check_data(cfg, data_dir)
+    if n_train < t.num_workers:
+        raise dataset.DataError(f"{data_dir}: {n_train} training rows cannot feed {t.num_workers} workers")
+    return Preflight(
+        cfg=cfg,
+        data_dir=str(Path(data_dir).resolve()),
+        n_train=n_train,
+        n_val=n_val,
+        steps_per_epoch=steps_per_epoch(n_train, t.batch_size, t.num_workers),
+        vision_fingerprint=vision_fingerprint,
+    )
+
+
 def check_data(cfg: Config, data_dir: str) -> tuple[int, int]:
     """(training rows, validation images) after checking the prepared folder, its manifests and the
     configured splits (DataError otherwise)."""
@@ -75,6 +116,38 @@ def check_data(cfg: Config, data_dir: str) -> tuple[int, int]:
     if n_train == 0:
         raise dataset.DataError(f"{data_dir}: the training split has no rows for this config")
     return n_train, n_val
+
+
+def check_vision_weights(cfg: Config) -> tuple[Config, str | None]:
+    """(config with an absolute model.vision_weights, fingerprint of those vision tensors or None).
+
+    Loads the file into a freshly built model exactly as the workers will, so a missing file, a file that
+    is no checkpoint or a vision encoder of another shape fails here, before Ray starts.
+    """
+    m = cfg.model
+    if m.vision_backbone == "frozen" and not m.vision_weights:
+        raise ConfigError(
+            "model.vision_backbone=frozen needs model.vision_weights=PATH (the checkpoint whose vision encoder is "
+            "frozen): a frozen randomly initialised encoder would be trained around, never trained"
+        )
+    if not m.vision_weights:
+        return cfg, None
+    path = Path(m.vision_weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.vision_weights={m.vision_weights}: no such file")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, vision_weights=str(path.resolve())))
+    try:
+        fingerprint = init_vision(build_model(cfg.model), cfg)
+    except CheckpointError as exc:
+        raise ConfigError(f"model.vision_weights={m.vision_weights}: {exc}") from None
+    return cfg, fingerprint
+
+
+def start_ray(cfg: Config) -> str:
+    """Join or start Ray (jobs.runtime) and check, once, that the cluster can host this config."""
+    where = ensure_ray()
+    check_cluster(cfg)
+    return where
 
 
 def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> None:
@@ -89,6 +162,12 @@ def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> Non
             f"Ray cluster has {res.get('GPU', 0):g} and no autoscaler to add more. Run with --train.use_gpu=false, "
             f"join a GPU cluster (RAY_ADDRESS), or set {AUTOSCALING_ENV}=1 if nodes are added on demand."
         )
+    if t.node_role and res.get(t.node_role, 0) < t.num_workers:
+        raise PreflightError(
+            f"train.node_role={t.node_role} with train.num_workers={t.num_workers} needs {t.num_workers} unit(s) of "
+            f"the custom resource {t.node_role!r}, but the Ray cluster has {res.get(t.node_role, 0):g}: start the "
+            f"training nodes with --resources='{{\"{t.node_role}\": N}}' (cluster.yaml) or clear train.node_role"
+        )
     need = t.num_workers * t.cpus_per_worker
     have = res.get("CPU", 0)
     if need > have:
@@ -101,6 +180,15 @@ def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> Non
             f"the workers take {need:g} of {have:g} CPUs, leaving less than data.num_cpus_per_map="
             f"{cfg.data.num_cpus_per_map:g} for Ray Data's decode tasks: lower train.cpus_per_worker or num_workers"
         )
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker asks for: CPUs, a GPU when use_gpu, one unit of the node role when set."""
+    t = cfg.train
+    out = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
+    if t.node_role:
+        out[t.node_role] = 1.0
+    return out
 
 
 def _autoscaling_expected() -> bool:
@@ -139,13 +227,16 @@ def make_trainer(
     storage_path: str | None = None,
     mlflow_parent_run_id: str | None = None,
     callbacks: Sequence[Any] | None = None,
+    checked: Preflight | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for this config; opens (or re-opens, when resuming) its MLflow run.
 
+    `checked`: what `preflight` learned (the caller ran it already); None runs it here.
     The MLflow run id is in `trainer.train_loop_config["mlflow_run_id"]` and in every reported metrics
     dict of rank 0; pass the trainer to `finish_training` after `fit()` to log and register the model.
     """
-    n_train, n_val = check_data(cfg, data_dir)
+    checked = checked or preflight(cfg, data_dir)
+    cfg = checked.cfg
     storage = resolve_storage(cfg, storage_path)
     tracking_uri, run_id = None, None
     if cfg.tracking.enabled:
@@ -158,15 +249,17 @@ def make_trainer(
             resume=run_exists(storage, run_name),
             parent_run_id=mlflow_parent_run_id,
         )
-    train_ds = dataset.build_train_dataset(str(Path(data_dir).resolve()), cfg)
-    # Each worker's shard holds n_train / num_workers rows in batches of batch_size / num_workers.
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.train.batch_size))
+        if checked.vision_fingerprint:
+            _log_vision_fingerprint(tracking_uri, run_id, checked.vision_fingerprint)
+    train_ds = dataset.build_train_dataset(checked.data_dir, cfg)
+    n_val = checked.n_val
     loop_config = {
         "cfg": cfg.to_dict(),
-        "data_dir": str(Path(data_dir).resolve()),
-        "steps_per_epoch": steps_per_epoch,
+        "data_dir": checked.data_dir,
+        "steps_per_epoch": checked.steps_per_epoch,
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
+        VISION_FINGERPRINT_KEY: checked.vision_fingerprint,
     }
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
     run_config = ray.train.RunConfig(
@@ -188,12 +281,20 @@ def make_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=run_config,
         datasets={"train": train_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def _log_vision_fingerprint(tracking_uri: str, run_id: str, fingerprint: str) -> None:
+    """The vision weights' fingerprint as an MLflow param. A resumed run whose file changed fails here:
+    MLflow params are immutable, and different weights would make it another experiment."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri).log_param(run_id, VISION_FINGERPRINT_KEY, fingerprint)
 
 
 def finish_training(cfg: Config, trainer: TorchTrainer, result: Any, *, register: bool = True) -> TrainResult:
@@ -236,14 +337,26 @@ def run_training(
     storage_path: str | None = None,
     mlflow_parent_run_id: str | None = None,
     register: bool = True,
+    callbacks: Sequence[Any] | None = None,
+    checked: Preflight | None = None,
+    ray_ready: bool = False,
 ) -> TrainResult:
-    """Check, build, fit, log and register: the whole training job, for callers already in Python."""
-    check_data(cfg, data_dir)
-    ensure_ray()
-    check_cluster(cfg)
+    """Check, build, fit, log and register: the whole training job, for callers already in Python.
+
+    `callbacks`: Ray Train UserCallbacks, e.g. the epoch bar of `jobs.console.training_progress`.
+    `checked`: the caller's `preflight` result; `ray_ready`: the caller ran `start_ray` already."""
+    checked = checked or preflight(cfg, data_dir)
+    if not ray_ready:
+        start_ray(checked.cfg)
     name = run_name or cfg.train.run_name or default_run_name(cfg)
     trainer = make_trainer(
-        cfg, data_dir, run_name=name, storage_path=storage_path, mlflow_parent_run_id=mlflow_parent_run_id
+        checked.cfg,
+        data_dir,
+        run_name=name,
+        storage_path=storage_path,
+        mlflow_parent_run_id=mlflow_parent_run_id,
+        callbacks=callbacks,
+        checked=checked,
     )
     previous_sigint = signal.getsignal(signal.SIGINT)
     try:
@@ -292,19 +405,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.preset, overrides)
-        check_data(cfg, args.data)
+        checked = preflight(cfg, args.data)  # everything that can fail without Ray fails here
     except (ConfigError, dataset.DataError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
-    where = ensure_ray()
     try:
-        check_cluster(cfg)
+        where = start_ray(checked.cfg)
     except PreflightError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(f"train: preset {cfg.preset} on {where}; {cfg.train.num_workers} worker(s), gpu={cfg.train.use_gpu}")
     result = run_training(
-        cfg, args.data, run_name=args.run_name, storage_path=args.storage, register=not args.no_register
+        checked.cfg,
+        args.data,
+        run_name=args.run_name,
+        storage_path=args.storage,
+        register=not args.no_register,
+        checked=checked,
+        ray_ready=True,
     )
     print_summary(result)
     return 0

@@ -1,9 +1,12 @@
 """What every Ray Train worker runs: the log's recipe, one checkpoint per epoch, restore on restart.
 
     train_loop_per_worker(config)   config = {"cfg": Config.to_dict(), "data_dir": ..., "steps_per_epoch": ...,
-                                              "tracking_uri": ..., "mlflow_run_id": ...}
+                                              "tracking_uri": ..., "mlflow_run_id": ...,
+                                              "vision_weights_fingerprint": ... or None}
 
-Per worker: build the model, wrap the `Objective` (model + EMA target, losses) in DDP through
+Per worker: build the model, load `model.vision_weights` into its vision encoder (the driver checked the
+file and sent its fingerprint; a file that changed since is an error), wrap the `Objective` (model + EMA
+target, losses) in DDP through
 `ray.train.torch.prepare_model`, then for each epoch stream its shard of the training dataset,
 step AdamW with linear warmup + cosine decay (per step) and gradient clipping, and report.
 Rank 0 also evaluates on a small slice of the validation split (teacher-forced CE, greedy
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 from jobs import dataset
 from jobs.caption_metrics import normalize
 from jobs.optim import optimizer_step, warmup_cosine
-from model.checkpoint import load_model, save_model
+from model.checkpoint import init_vision_from_checkpoint, load_model, model_fingerprint, save_model
 from model.config import Config
 from model.generation import caption_images
 from model.model import VLJEPA, build_model
@@ -45,6 +48,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 KILL_EPOCH_ENV = "VLJEPA_TEST_KILL_AT_EPOCH"  # test hook: rank 0 dies mid-epoch N once
 KILL_MARKER_ENV = "VLJEPA_TEST_KILL_MARKER"  # ... unless this file exists (then it is a restart)
+VISION_FINGERPRINT_KEY = "vision_weights_fingerprint"  # checkpoint metadata and MLflow param
 MAX_EVAL_IMAGES = 256  # validation slice for per-epoch metrics; jobs.evaluate scores the whole split
 
 
@@ -57,6 +61,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(cfg.train.seed + rank)
 
     model = build_model(cfg.model)
+    # Before the Objective copies the encoder for its EMA target, and before DDP broadcasts rank 0's weights.
+    vision_fingerprint = init_vision(model, cfg)
+    if vision_fingerprint != config.get("vision_weights_fingerprint"):
+        raise RuntimeError(
+            f"model.vision_weights={cfg.model.vision_weights} changed since the driver checked it "
+            f"(fingerprint {config.get('vision_weights_fingerprint')} then, {vision_fingerprint} now)"
+        )
     objective = Objective(model, cfg.objective).to(device)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -71,11 +82,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             start_epoch = restore(Path(folder), objective, optimizer, scheduler, rank) + 1
 
-    # Without a bottleneck the text encoder, fusion and predictor get no gradient: DDP must know.
-    find_unused = cfg.model.bottleneck == "none" or cfg.model.vision_backbone == "frozen"
-    train_module = ray.train.torch.prepare_model(
-        objective, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
-    )
+    # Every parameter that requires a gradient gets one each step, for every config (a frozen vision
+    # encoder requires none; bottleneck=none does not build the parts it skips; tests/jobs/test_train_recipe.py
+    # checks it), so DDP needs no per-step search for unused parameters.
+    train_module = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
     if cfg.train.compile:
         train_module = torch.compile(train_module)
     autocast = _autocast(cfg, device)
@@ -98,6 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "epoch_time_s": elapsed,
             "samples_per_s": stats.pop("samples") / max(elapsed, 1e-9),
+            "steps": int(stats.pop("steps")),  # per worker; the LR horizon assumes steps_per_epoch
             **{f"train_{k}": v for k, v in stats.items()},
         }
         if rank != 0:
@@ -108,12 +119,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("mlflow_run_id"):
             metrics["mlflow_run_id"] = config["mlflow_run_id"]  # a string: sweeps read it from the result
         with tempfile.TemporaryDirectory(prefix="vljepa-ckpt-") as folder:
-            write_checkpoint(Path(folder), objective, optimizer, scheduler, cfg, epoch)
+            write_checkpoint(Path(folder), objective, optimizer, scheduler, cfg, epoch, vision_fingerprint)
             if logger is not None:
                 logger.log_metrics(metrics, step=epoch)
                 logger.log_samples(epoch, samples.images, samples.references, samples.captions)
             print(_format_epoch(metrics), flush=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def init_vision(model: VLJEPA, cfg: Config) -> str | None:
+    """Copy `cfg.model.vision_weights` (a checkpoint path) into the model's vision encoder.
+
+    Returns the fingerprint of the loaded vision tensors (`model_fingerprint` of `encoder.vision`), or None
+    when no weights are configured. With `vision_backbone=frozen` these tensors never change again; with
+    `scratch` they are the starting point that training fine-tunes. Raises FileNotFoundError or
+    CheckpointError for a missing file or one whose vision encoder does not fit this model.
+    """
+    if not cfg.model.vision_weights:
+        return None
+    init_vision_from_checkpoint(model, cfg.model.vision_weights)
+    return model_fingerprint(model.encoder.vision.state_dict())
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +180,7 @@ def train_epoch(
         _maybe_die_for_test(epoch, steps)
     out = {key: value / max(steps, 1) for key, value in sums.items()}
     out["samples"] = float(samples)
+    out["steps"] = float(steps)
     return out
 
 
@@ -203,8 +229,12 @@ def write_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: Config,
     epoch: int,
+    vision_fingerprint: str | None = None,
 ) -> None:
-    save_model(folder / MODEL_FILE, objective.model, cfg, extra={"epoch": str(epoch)})
+    extra = {"epoch": str(epoch)}
+    if vision_fingerprint:  # which weights the vision encoder started from (frozen: still holds)
+        extra |= {"vision_weights": cfg.model.vision_weights, VISION_FINGERPRINT_KEY: vision_fingerprint}
+    save_model(folder / MODEL_FILE, objective.model, cfg, extra=extra)
     model_keys = {f"model.{k}" for k in objective.model.state_dict()}
     state = {
         "epoch": epoch,
