@@ -76,14 +76,22 @@ def evaluate(model: VLJEPA, train: ShapesSplit, val: ShapesSplit, tok: ByteToken
 
 
 def run(
-    cfg: Config, *, steps: int, per_class: int, val_per_class: int, eval_every: int, schedule_steps: int = 0
+    cfg: Config,
+    *,
+    steps: int,
+    per_class: int,
+    val_per_class: int,
+    eval_every: int,
+    schedule_steps: int = 0,
+    model: VLJEPA | None = None,
 ) -> list[dict[str, float]]:
     """Train for `steps` batches of cfg.train.batch_size on a warmup + cosine schedule of `schedule_steps`
-    (0: `steps`; more: stop part way through a longer run's schedule); returns one dict per evaluation."""
+    (0: `steps`; more: stop part way through a longer run's schedule); returns one dict per evaluation.
+    `model`: train this freshly built model in place (benchmarks.wire keeps it), instead of a new one."""
     torch.manual_seed(cfg.train.seed)
     size = cfg.model.image_size
     train, val = ShapesSplit("train", per_class, size), ShapesSplit("val", val_per_class, size)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model) if model is None else model
     objective = Objective(model, cfg.objective)
     tok = ByteTokenizer(cfg.model.max_seq_length)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
