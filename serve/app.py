@@ -37,7 +37,7 @@ class AppArgs(BaseModel):
     max_pixels: PositiveInt = Field(MAX_PIXELS, description="decompression-bomb guard, checked before decoding")
     request_timeout_s: PositiveFloat = 30.0
     retry_after_s: PositiveFloat = Field(1.0, description="Retry-After on 503 when a queue is full")
-    plan_dtype: Literal["fp16", "int8"] = "fp16"
+    plan_dtype: Literal["fp16", "int8", "int4", "int3", "int2"] = "fp16"
     default_max_new_tokens: PositiveInt | None = Field(None, description="default: the model's text length limit")
     torch_threads: int = Field(0, ge=0, description="intra-op threads per model replica; 0 = torch default")
     deployment_options: dict[str, dict[str, Any]] = Field(

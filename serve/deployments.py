@@ -89,7 +89,7 @@ class PlanEncoder:
         self._encode_batch.set_batch_wait_timeout_s(wait)
 
     def info(self) -> dict[str, Any]:
-        k, d = self.cfg.plan_len, self.cfg.embed_dim
+        k, d = self.cfg.plan_len, self.cfg.plan_dim  # plan_dim: model.wire_dim when set
         return {
             "name": self.resolved.name,
             "version": self.resolved.version,
@@ -120,9 +120,9 @@ class PlanEncoder:
         """(B, 3, S, S) -> (B, K, D): PlanEncoder.forward with the cached query encoding."""
         patches = self.encoder.vision(images)  # (B, N, D)
         if self.query is None:  # bottleneck == "none": the patches are the plan
-            return patches
+            return self.encoder.to_wire(patches)
         fused = self.encoder.fusion(self.query.expand(images.shape[0], -1, -1), patches)  # (B, S, D)
-        return self.encoder.predictor(fused)  # (B, K, D)
+        return self.encoder.to_wire(self.encoder.predictor(fused))  # (B, K, plan_dim)
 
 
 @serve.deployment(
@@ -161,7 +161,7 @@ class PlanDecoder:
         if not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise ParameterError(f"temperature={temperature} is outside [0, {MAX_TEMPERATURE}]")
         plan = decode_plan(
-            plan_bytes, expect_k=self.cfg.plan_len, expect_d=self.cfg.embed_dim, expect_fingerprint=self.fingerprint
+            plan_bytes, expect_k=self.cfg.plan_len, expect_d=self.cfg.plan_dim, expect_fingerprint=self.fingerprint
         )  # (K, D)
         return await self._decode_batch((plan, limit, float(temperature)))
 
