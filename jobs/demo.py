@@ -36,10 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=DEMO_PER_CLASS, help="train images per class (18 classes)")
     parser.add_argument("--val-per-class", type=int, default=DEMO_VAL_PER_CLASS)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (CPU)")
+    parser.add_argument("--verbose", action="store_true", help="show library and worker output here too")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    from jobs import console
+
+    console.setup("demo", verbose=args.verbose, log_dir=out / "logs")
 
     # The demo's own MLflow store, unless the user points elsewhere.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
@@ -51,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobs.train import check_cluster, run_training
     from model.config import load_config
 
-    _step("starting Ray")
-    print(f"  joined {ensure_ray()}")
+    _step(f"starting Ray: {ensure_ray()}")
+    if not args.verbose and console.ray_logs():
+        console.detail("worker logs", console.ray_logs())
 
     raw, data = out / "shapes", out / "shapes-prepared"
     _step(f"generating the synthetic shapes set ({args.per_class} train + {args.val_per_class} val images per class)")
@@ -71,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config("shapes", overrides)
     check_cluster(cfg)
     _step(f"training the shapes preset: {cfg.train.epochs} epochs on {cfg.train.num_workers} CPU workers (Ray Train)")
-    result = run_training(cfg, str(data), run_name=f"shapes-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    with console.training_progress(cfg.train.epochs) as callbacks:
+        run_name = f"shapes-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run_training(cfg, str(data), run_name=run_name, callbacks=callbacks)
     if result.model_uri is None:
         print("demo: training finished but no model was registered", file=sys.stderr)
         return 1
@@ -104,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"best checkpoint:                {result.checkpoint_dir}")
     print(f"report:                         {out / 'eval_report.json'} (+ .md)")
     print(f"see the runs:                   {ui_command(resolve_tracking_uri())}")
+    print(f"log:                            {console.log_file()}")
     print(
         f"demo took {time.perf_counter() - started:.0f} s; next: python -m serve.demo (reads {out / 'LAST_RUN.json'})"
     )
@@ -127,7 +136,9 @@ def _pct(value: float | None, scale: float = 1.0) -> str:
 
 
 def _step(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+    from jobs.console import step
+
+    step(text)
 
 
 def _check(code: int, what: str) -> None:

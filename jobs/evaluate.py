@@ -471,7 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--mlflow-run-id", default=None, help="also log the report into this MLflow run")
+    parser.add_argument("--verbose", action="store_true", help="show library output here too")
     args = parser.parse_args(argv)
+    from jobs import console
+
+    console.setup_once("evaluate", verbose=args.verbose)
+    console.step(f"evaluating {args.model} on the {args.split} split of {args.data}")
     try:
         metrics = evaluate_model(
             args.model,

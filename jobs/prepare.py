@@ -188,7 +188,8 @@ def prepare(
 ) -> dict:
     """Prepare one split; returns the manifest. Raises PrepareError (nothing written) on unusable input."""
     import ray
-    from tqdm import tqdm
+
+    from jobs import console
 
     coco_root, out = Path(coco_root).resolve(), Path(out).resolve()
     image_dir = coco_root / split
@@ -215,7 +216,7 @@ def prepare(
         writer = ShardWriter(partial, shard_rows, row_group_rows)
         skipped = list(ann.skipped)
         by_id = {r.image_id: r for r in ann.records}
-        bar = tqdm(total=len(ann.records), unit="img", desc=f"prepare {split}", disable=not progress)
+        bar = console.progress(len(ann.records), f"prepare {split}", unit="img", enabled=progress)
         if ann.records:
             items = [{"image_id": r.image_id, "file_name": r.file_name} for r in ann.records]
             ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / (4 * DECODE_BATCH))))
@@ -324,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-draft", dest="draft", action="store_false", help="full-size JPEG decode before resizing")
     parser.add_argument("--shard-rows", type=int, default=SHARD_ROWS)
     parser.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS)
+    parser.add_argument("--verbose", action="store_true", help="show library and worker output here too")
     args = parser.parse_args(argv)
     if (
         args.image_size < 8
@@ -332,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         or (args.limit is not None and args.limit < 0)
     ):
         parser.error("need --image-size >= 8, --shard-rows >= 1, --row-group-rows >= 1 and --limit >= 0")
+    from jobs import console
+
+    console.setup_once("prepare", verbose=args.verbose)  # jobs.demo calls main() with its console set up
 
     try:
         manifest = prepare(

@@ -12,6 +12,8 @@ import os
 
 import ray
 
+from jobs import console
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,8 @@ def ensure_ray(num_cpus: int | None = None, *, namespace: str | None = None) -> 
     if ray.is_initialized():
         return "existing Ray connection"
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    kwargs: dict = {"log_to_driver": True, "namespace": namespace}
+    # Worker output streams here only in verbose mode; otherwise it stays in the Ray session's log folder.
+    kwargs: dict = {"log_to_driver": console.log_to_driver(), "namespace": namespace}
     if address:
         ray.init(address=address, **kwargs)
         return f"Ray cluster at {address}"

@@ -173,6 +173,9 @@ def _scalar(value: Any) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
+    from jobs import console
+
+    console.setup_once("sweep", verbose=args.verbose)
     try:
         base_overrides = parse_overrides(extra)
         space = load_space(args.space)
@@ -473,6 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs held by each trial's Tune function")
     p.add_argument("--data-cpus", type=float, default=1.0, help="Ray Data CPU budget of each trial")
     p.add_argument("--eval-max-images", type=int, default=None, help="evaluate each trial on at most N images")
+    p.add_argument("--verbose", action="store_true", help="show library and worker output here too")
     return p
 
 

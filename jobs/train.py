@@ -402,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-name", default=None, help="same name again resumes that run (default: train.run_name)")
     parser.add_argument("--storage", default=None, help="checkpoint storage path or URI (default: train.storage_path)")
     parser.add_argument("--no-register", action="store_true", help="log to MLflow but do not register a version")
+    parser.add_argument("--verbose", action="store_true", help="show library and worker output here too")
     args, overrides = parser.parse_known_args(argv)
+    from jobs import console
+
+    console.setup_once("train", verbose=args.verbose)
     try:
         cfg = load_config(args.preset, overrides)
         checked = preflight(cfg, args.data)  # everything that can fail without Ray fails here
@@ -415,16 +419,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(f"train: preset {cfg.preset} on {where}; {cfg.train.num_workers} worker(s), gpu={cfg.train.use_gpu}")
-    result = run_training(
-        checked.cfg,
-        args.data,
-        run_name=args.run_name,
-        storage_path=args.storage,
-        register=not args.no_register,
-        checked=checked,
-        ray_ready=True,
-    )
+    with console.training_progress(checked.cfg.train.epochs) as callbacks:
+        result = run_training(
+            checked.cfg,
+            args.data,
+            run_name=args.run_name,
+            storage_path=args.storage,
+            register=not args.no_register,
+            checked=checked,
+            ray_ready=True,
+            callbacks=callbacks,
+        )
     print_summary(result)
+    print(f"  log                {console.log_file()}")
     return 0
 
 

@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--keep", action="store_true", help="keep serving until Ctrl-C")
+    parser.add_argument("--verbose", action="store_true", help="show Ray, Serve and replica output here too")
     args = parser.parse_args(argv)
 
     run_file = Path(args.run)
@@ -53,12 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ray import serve
 
+    from jobs import console
     from serve.app import build_app
+
+    console.setup_once("serve-demo", verbose=args.verbose, log_dir=run_file.parent / "logs")
 
     print(f"== starting Ray: {start_ray()}")
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"== serving {model} at {url}")
     serve.start(http_options={"host": args.host, "port": args.port})
+    console.hush()  # Serve gives its driver-side logger a console handler when it starts
     app_args: dict[str, Any] = {"model": model, "mlflow_tracking_uri": run.get("tracking_uri")}
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
     try:
@@ -88,13 +93,20 @@ def start_ray() -> str:
     """
     import ray
 
+    from jobs import console
+
     if ray.is_initialized():
         return "existing Ray connection"
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=console.log_to_driver())
         return f"Ray cluster at {address}"
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=console.log_to_driver(),  # replica output stays in Ray's session logs unless --verbose
+    )
     return "a new local Ray instance"
 
 
@@ -142,6 +154,7 @@ def print_usage(url: str, image: Path, api_key: str | None, *, keep: bool) -> No
     print(f'  curl -s{auth} -H "Content-Type: image/png" --data-binary @{image} {url}/v1/encode -o plan.bin')
     print(f'  curl -s{auth} -H "Content-Type: application/octet-stream" --data-binary @plan.bin {url}/v1/decode')
     print(f"  curl -s{auth} {url}/v1/model;  open {url}/docs for the OpenAPI page")
+    print(f"  or open {url}/ in a browser: pick or drop an image, or try a sample")
     if keep:
         print("\nserving until Ctrl-C")
     else:
