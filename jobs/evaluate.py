@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 from torch import Tensor
 
-from jobs import caption_metrics, probe
+from jobs import caption_metrics, probe, scene_metrics
 from jobs.dataset import DataError, EvalSet, load_eval_split, load_split
+from jobs.scene_grammar import read_spec
 from jobs.tracking import fetch_checkpoint, resolve_tracking_uri
 from model.checkpoint import load_model
 from model.config import Config
@@ -328,6 +329,9 @@ def evaluate_model(
         "plan_bytes": cfg.model.plan_len * cfg.model.embed_dim * 2,  # fp16 K x D
     }
     metrics.update(caption_metrics.caption_report(greedy, references, sampled))
+    scene_spec = read_spec(data_dir)  # a scenes set keeps its spec beside the shards; COCO has none
+    if scene_spec is not None:
+        metrics.update(scene_metrics.scene_report(greedy, references, scene_spec))
 
     train_x, train_labels, test_x, test_labels, how = _probe_sets(
         model,
@@ -414,6 +418,10 @@ def markdown_table(m: dict[str, Any]) -> str:
     lines = [title, "", "| Metric | This model | Log Run 2 |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {ref} |" for name, value, ref in rows]
     lines += ["", f"Probe: {m['probe_setup']}; headline probe = {m['probe_kind']}."]
+    if "scene_exact_pct" in m:  # a scenes set: the caption scored attribute by attribute
+        accs = ", ".join(f"{k} {_fmt(m[f'scene_{k}_acc'], 1)}%" for k in ("count", *scene_metrics.ATTRIBUTES, "object"))
+        bits = f"{_fmt(m['scene_bits_recovered'])} of {_fmt(m['scene_bits_per_image'])} bits per image"
+        lines += ["", f"Scenes: exact {_fmt(m['scene_exact_pct'], 1)}%, {accs}; {bits} recovered."]
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,19 @@ from typing import Any
 
 from jobs.sweep_spaces import Space
 
+# A scenes set's per-attribute scores (jobs/scene_metrics.py); shown only when the trials have them.
+SCENE_COLUMNS = (
+    "sampled_unique_pct",
+    "scene_exact_pct",
+    "scene_bits_recovered",
+    "scene_bits_recovered_pct",
+    "scene_count_acc",
+    "scene_colour_acc",
+    "scene_shape_acc",
+    "scene_size_acc",
+    "scene_position_acc",
+    "scene_object_acc",
+)
 # Always shown, whatever was swept: the columns that answer the log's question.
 CONFIG_COLUMNS = ("conditioning", "K", "bottleneck", "plan_len", "embed_dim", "image_size")
 METRIC_COLUMNS = (
@@ -30,9 +43,10 @@ METRIC_COLUMNS = (
     "plan_bytes",
     "epochs",
     "status",
+    *SCENE_COLUMNS,
 )
 # Higher is better for these; everything else (losses) is minimised.
-MAXIMIZE = {"greedy_unique_pct", "exact_match_pct", "cider_d", "bleu4", "probe_accuracy", "sampled_unique_pct"}
+MAXIMIZE = {"greedy_unique_pct", "exact_match_pct", "cider_d", "bleu4", "probe_accuracy", *SCENE_COLUMNS}
 
 
 def default_mode(metric: str) -> str:
