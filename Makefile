@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test browser lint format bench clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,17 @@ demo: venv
 	$(PY) -m jobs.demo
 	$(PY) -m serve.demo
 
-test: venv lint
+test: venv lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The web page's test drives a real headless Chromium: Debian's chromium and its matching chromedriver,
+# installed once (CI runs as root on a fresh machine), skipped when already there.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	fi
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from model.codec import PlanError, PlanFingerprintError
 from model.transform import ImageDecodeError
+from serve import page
 from serve.deployments import ParameterError
 
 API_KEY_ENV = "VLJEPA_API_KEY"
@@ -68,6 +69,7 @@ api = FastAPI(
     version="1",
     description="Captions images through a compact latent plan: encoder deployment -> plan bytes -> decoder.",
 )
+api.include_router(page.router)  # GET /: the web page for people (serve/page.py)
 _bearer = HTTPBearer(auto_error=False, description=f"API key, required on /v1 routes when set ({API_KEY_ENV})")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 Temperature = Annotated[float, Query(ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy")]
