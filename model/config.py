@@ -57,6 +57,8 @@ class ModelConfig:
     gate_init_logit: float = 2.0  # Run 3: sigmoid(2) ~ 0.88, "initialised high"
     vision_backbone: VisionBackbone = "scratch"  # "frozen": vision encoder not trained
     vision_weights: str = ""  # checkpoint to take the vision encoder from (frozen backbone)
+    vision_model: str = ""  # "" = the built-in ViT; "timm:<name>" = a timm backbone (model/backbones.py)
+    vision_model_weights: str = ""  # timm backbone weights: a local file, "hub" (downloads), or "" (random init)
     # Learned transport projection: the encoder emits (P, wire_dim) plans through a Linear(D, wire_dim)
     # and the decoder expands them with a Linear(wire_dim, D), trained with the model. 0 = off (P, D).
     wire_dim: int = 0

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.backbones import build_vision
 from model.config import ModelConfig
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the byte tokenizer's specials (model/tokenizer.py)
@@ -345,7 +346,7 @@ class PlanEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.bottleneck = cfg.bottleneck
-        self.vision = VisionEncoder(cfg)
+        self.vision = build_vision(cfg) or VisionEncoder(cfg)  # a timm backbone (model/backbones.py) or the ViT
         self.text: TextEncoder | None = None
         self.fusion: Fusion | None = None
         self.predictor: SemanticPredictor | None = None
@@ -497,7 +498,8 @@ class VLJEPA(nn.Module):
         self.decoder = TextDecoder(cfg)
         self.apply(_init_weights)
         if cfg.vision_backbone == "frozen":
-            self.encoder.vision.requires_grad_(False)
+            # a timm backbone freezes; its projection to D still trains
+            getattr(self.encoder.vision, "backbone", self.encoder.vision).requires_grad_(False)
 
     def forward(self, images: Tensor, caption_ids: Tensor) -> VLJEPAOutput:
         plan = self.encoder(images)  # (B, P, D)
@@ -548,7 +550,8 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
     elif isinstance(module, nn.Conv2d):
         nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:  # timm CNNs have bias-free convolutions
+            nn.init.zeros_(module.bias)
     elif isinstance(module, FiLM):
         module.reset_identity()
     elif isinstance(module, VisionEncoder):

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("model", "jobs", "serve")
 # What model/ may import besides the standard library and itself (architecture.md).
-MODEL_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors"}
+MODEL_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors", "timm"}  # timm: optional backbones (model/backbones.py)
 
 
 def test_top_level_layout():
