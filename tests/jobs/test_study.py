@@ -1,0 +1,191 @@
+"""The bottleneck study: verdict rules on hand-made rows (no Ray), vision pretraining -> frozen training,
+and a --quick study of three tiny trials on local Ray that ends with a report and a verdict line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from jobs import study, study_report
+from jobs.make_scenes import make_scenes
+from jobs.scene_grammar import SceneSpec
+
+SPEC = SceneSpec(min_objects=1, max_objects=2, colours=2, shapes=2, sizes=1, grid=2, image_size=16, holdout_every=4)
+
+
+# ---------------------------------------------------------------------------
+# Verdict rules on hand-made rows
+
+
+def _row(arm: str, score: float, seed: int = 0) -> dict:
+    where, features = arm.split("/")
+    row = {
+        "bottleneck": "none" if where == "none" else "plan",
+        "K": None if where == "none" else int(where[1:]),
+        "plan_len": 9 if where == "none" else int(where[1:]),
+        "embed_dim": 64,
+        "model.vision_backbone": "frozen" if features == "frozen" else "scratch",
+        "objective.category_weight": 1.0 if features == "category" else 0.0,
+        "train.seed": seed,
+        "scene_bits_recovered_pct": score,
+    }
+    return row
+
+
+def _verdict(scores: dict[str, float]) -> study_report.Verdict:
+    rows = [_row(arm, s) for arm, s in scores.items()]
+    return study_report.verdict(study_report.summarise(rows), "scene_bits_recovered_pct")
+
+
+FLAT = {"K1/scratch": 40.0, "K4/scratch": 41.0, "K16/scratch": 42.0, "K64/scratch": 43.0}
+
+
+def test_verdict_feature_limited_when_even_the_control_fails():
+    v = _verdict({"none/scratch": 30.0, **FLAT})
+    assert v.label == "feature-limited" and v.evidence == ["none/scratch"]
+
+
+def test_verdict_not_limited_when_the_plan_keeps_up():
+    assert _verdict({"none/scratch": 90.0, **FLAT, "K16/scratch": 87.0}).label == "not limited"
+
+
+def test_verdict_trainability_when_flat_and_a_recipe_closes_the_gap():
+    v = _verdict({"none/scratch": 90.0, **FLAT, "K16/category": 85.0, "K16/frozen": 70.0})
+    assert v.label == "trainability-limited"
+    assert {"none/scratch", "K16/scratch", "K16/category"} <= set(v.evidence)
+
+
+def test_verdict_capacity_when_k_helps_and_nothing_closes_the_gap():
+    rising = {"K1/scratch": 20.0, "K4/scratch": 35.0, "K16/scratch": 50.0, "K64/scratch": 70.0}
+    v = _verdict({"none/scratch": 90.0, **rising, "K16/category": 55.0, "K16/frozen": 52.0})
+    assert v.label == "capacity-limited"
+    # the same rows with a frozen arm that reaches the control: no longer capacity
+    v2 = _verdict({"none/scratch": 90.0, **rising, "K16/category": 55.0, "K16/frozen": 88.0})
+    assert v2.label.startswith("mixed")
+
+
+def test_seed_spread_is_reported_and_flags_noisy_gaps():
+    rows = [_row("none/scratch", 90.0, 0), _row("none/scratch", 50.0, 1), *(_row(a, s) for a, s in FLAT.items())]
+    arms = study_report.summarise(rows)
+    control = next(a for a in arms if a.name == "none/scratch")
+    assert control.mean("scene_bits_recovered_pct") == 70.0 and control.spread("scene_bits_recovered_pct") == 40.0
+    v = study_report.verdict(arms, "scene_bits_recovered_pct")
+    assert v.noise == 40.0 and any("within the seed spread" in r for r in v.reasons)
+    md = study_report.markdown(arms, v, metric="scene_bits_recovered_pct", header=["- x"], compo=False)
+    assert f"**Verdict: {v.label}**" in md and "70.0 ±20.0" in md and "CONTROL_FLOOR = 50" in md
+
+
+def test_arm_points_cover_every_arm_and_seed():
+    points = study.arm_points(study.FULL_ARMS, 2, "/w.safetensors")
+    arms = [study_report.arm_of({**p, "K": p.get("model.num_latent_vectors")}) for p in points]
+    assert arms.count("none/scratch") == 2 and arms.count("K16/scratch") == 2 and arms.count("K16/frozen") == 1
+    frozen = [p for p in points if p["model.vision_backbone"] == "frozen"]
+    assert all(p["model.vision_weights"] == "/w.safetensors" for p in frozen)
+
+
+# ---------------------------------------------------------------------------
+# With Ray: pretraining, frozen training, the quick study
+
+
+@pytest.fixture(scope="module")
+def prepared_scenes(ray_local, tmp_path_factory) -> Path:
+    from jobs.make_scenes import prepare_all
+
+    raw, out = tmp_path_factory.mktemp("scenes-raw"), tmp_path_factory.mktemp("scenes-pq")
+    make_scenes(raw, SPEC, train=48, val=12, compo=8, seed=1)
+    prepare_all(raw, out, ["train", "val", "compo"], SPEC.image_size)
+    return out
+
+
+TINY_MODEL = [
+    "--model.image_size=16",
+    "--model.max_seq_length=96",
+    "--train.batch_size=8",
+    "--objective.num_categories=5",
+    "--tracking.enabled=false",
+]
+
+
+def _vision_tensors(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("encoder.vision.")}  # noqa: SIM118
+
+
+@pytest.mark.ray
+def test_frozen_encoder_from_pretraining_keeps_bit_identical_weights(prepared_scenes, tmp_path):
+    import torch
+
+    from jobs import pretrain_vision, train
+    from model.config import load_config
+
+    weights = tmp_path / "vision.safetensors"
+    rc = pretrain_vision.main(["--data", str(prepared_scenes), "--out", str(weights), "--epochs", "2", *TINY_MODEL])
+    assert rc == 0 and weights.is_file()
+    pretrained = _vision_tensors(weights)
+    fresh = load_config("debug", TINY_MODEL).model
+    from model.model import build_model
+
+    torch.manual_seed(0)
+    init = {f"encoder.vision.{k}": v for k, v in build_model(fresh).encoder.vision.state_dict().items()}
+    assert any(not torch.equal(pretrained[k], init[k]) for k in init if k.endswith("weight"))  # it did train
+
+    cfg = load_config(
+        "debug",
+        [*TINY_MODEL, "--train.epochs=1", "--model.vision_backbone=frozen", f"--model.vision_weights={weights}"],
+    )
+    result = train.run_training(cfg, str(prepared_scenes), run_name="frozen", storage_path=str(tmp_path / "runs"))
+    trained = Path(result.checkpoint_dir) / "model.safetensors"
+    after = _vision_tensors(trained)
+    assert after.keys() == pretrained.keys()
+    for name, tensor in pretrained.items():
+        assert torch.equal(after[name], tensor), name  # bit-identical: loaded, then never updated
+    with safe_open(str(trained), framework="pt") as f:
+        head = f.get_tensor("decoder.head.weight")
+    with safe_open(str(weights), framework="pt") as f:
+        assert not torch.equal(head, f.get_tensor("decoder.head.weight"))  # the rest of the model trained
+
+
+@pytest.mark.ray
+def test_pretrain_rejects_data_without_labels_it_can_use(tmp_path, capsys):
+    from jobs import pretrain_vision
+
+    rc = pretrain_vision.main(["--data", str(tmp_path), "--out", str(tmp_path / "v.safetensors"), *TINY_MODEL])
+    assert rc == 2 and "pretrain_vision: error:" in capsys.readouterr().err
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "report"
+    argv = ["--data", str(prepared_scenes), "--quick", "--storage", str(tmp_path / "runs"), "--out", str(out)]
+    argv += ["--pretrain-epochs", "1", "--model.image_size=16", "--model.max_seq_length=96"]
+    argv += [f"--tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    assert study.main(argv) == 0
+    printed = capsys.readouterr().out
+    labels = ("feature-limited", "capacity-limited", "trainability-limited", "not limited", "mixed", "inconclusive")
+    verdict_line = [line for line in printed.splitlines() if line.startswith("study: verdict: ")]
+    assert verdict_line and verdict_line[0].removeprefix("study: verdict: ").startswith(labels)
+
+    rows = json.loads((out / "rows.json").read_text())
+    assert {study_report.arm_of(r) for r in rows} == {"none/scratch", "K4/scratch", "K4/frozen"}
+    for row in rows:
+        assert row["status"] == "completed"
+        for key in ("scene_bits_recovered_pct", "scene_colour_acc", "compo_scene_bits_recovered_pct"):
+            assert 0.0 <= row[key] <= 100.0, (key, row)
+        assert 0.0 <= row["compo_scene_bits_recovered"] <= row["compo_scene_bits_per_image"]
+    md = (out / "report.md").read_text()
+    assert "**Verdict: " in md and "| `K4/frozen` |" in md and "CONTROL_FLOOR" in md
+    assert (out / "bits_vs_wire.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "verdict.txt").read_text().split("\n")[0] == verdict_line[0].removeprefix("study: verdict: ")
+
+    meta = json.loads((tmp_path / "runs" / "study-quick" / "sweep.json").read_text())
+    client = MlflowClient(meta["tracking_uri"])
+    files = {f.path for f in client.list_artifacts(meta["parent_run_id"], "study")}
+    assert {"study/report.md", "study/verdict.txt", "study/bits_vs_wire.png"} <= files
+    assert client.get_run(meta["parent_run_id"]).data.tags["study.verdict"] == verdict_line[0].split(": ", 2)[2]
