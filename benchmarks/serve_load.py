@@ -233,14 +233,14 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {system}, Python {platform.python_version()}"
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's own section of RESULTS.md, leaving the others untouched."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) one benchmark's own section of RESULTS.md, leaving the others untouched."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start == -1:
         new = old.rstrip() + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         new = old[:start] + text.rstrip() + "\n\n" + (old[end + 1 :] if end != -1 else "")
     RESULTS.write_text(new.rstrip() + "\n")
 
