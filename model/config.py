@@ -112,6 +112,9 @@ class DataConfig:
     shuffle: Literal["none", "file", "block"] = "file"  # "block" reads every shard before the first batch
     num_cpus_per_map: float = 0.5
     prefetch_batches: int = 2
+    # "materialize": decode once into the object store, then each epoch only reshuffles and redraws captions;
+    # "stream": read and decode every epoch; "auto": materialise when it fits in half the free object store.
+    ingest: Literal["auto", "materialize", "stream"] = "auto"
 
 
 @dataclass
