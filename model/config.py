@@ -133,6 +133,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    node_role: str = ""  # custom resource naming the nodes workers run on (cluster.yaml's train_node); 1 per worker
     keep_checkpoints: int = 2
     max_failures: int = 2
     storage_path: str = ""  # "" = ./runs; any URI Ray Train accepts on a cluster
