@@ -15,6 +15,13 @@ ASHA (time attribute: the epoch) stops losing trials early. Trials run at most
 group and a Ray Data budget, so no trial's workers wait forever behind other trials' drivers.
 Every trial is an MLflow run nested under the sweep's parent run; re-running the same `--name`
 continues a sweep whose driver died. Results land in STORAGE/NAME/report/.
+
+Stopped trials give their resources back: when ASHA stops a trial, Tune kills its function actor and the
+Train controller it owns dies with it, but the controller's worker placement group belongs to the job and
+outlives it (ray-project/ray#54305). Ray's own PlacementGroupCleaner asks the dashboard's State API, so on a
+cluster without a dashboard (jobs.runtime starts local ones that way) the group kept its CPUs until the
+driver exited, and on exact resources the next trial waited for them forever. The driver therefore removes,
+while the sweep runs and once more at the end, every placement group of its job whose creating actor is dead.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import json
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,12 +285,68 @@ def run_sweep(
             ),
         )
     started = time.perf_counter()
-    grid = tuner.fit()
+    with releasing_orphaned_groups():
+        grid = tuner.fit()
     print(f"sweep: all trials done in {time.perf_counter() - started:.0f}s")
     rows = collect_rows(grid, space, base_overrides)
     return sweep_report.publish(
         rows, space=space, experiment=experiment, meta=meta, metric=metric, mode=mode, notes=notes
     )
+
+
+def orphaned_groups() -> list[bytes]:
+    """Ids of this job's placement groups that are not removed and whose creating actor is dead.
+
+    Such a group can never be used again (only its creator schedules into it) and Ray keeps it until the
+    job ends. Groups created by the driver itself (Tune's trial groups) and detached ones are never listed.
+    """
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = bytes.fromhex(ray.get_runtime_context().get_job_id())
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        removed = pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+        if not removed and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id == job:
+            out.append(pg.placement_group_id)
+    return out
+
+
+def release_orphaned_groups() -> int:
+    """Remove the groups `orphaned_groups` lists; returns how many."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    ids = orphaned_groups()
+    for pg_id in ids:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg_id)))
+    return len(ids)
+
+
+@contextmanager
+def releasing_orphaned_groups(interval_s: float = 1.0) -> Iterator[None]:
+    """Release orphaned placement groups every `interval_s` while the block runs, and once after it."""
+    stop = threading.Event()
+
+    def release() -> None:
+        try:
+            if n := release_orphaned_groups():
+                print(f"sweep: released {n} placement group(s) of stopped trials", flush=True)
+        except Exception as exc:  # a GCS hiccup must not end the sweep; the next round retries
+            print(f"sweep: could not check placement groups: {exc}", flush=True)
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            release()
+
+    reaper = threading.Thread(target=loop, name="sweep-pg-reaper", daemon=True)
+    reaper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reaper.join(timeout=10)
+        release()
 
 
 def make_scheduler(args: argparse.Namespace, epochs: int, metric: str, mode: str) -> Any:

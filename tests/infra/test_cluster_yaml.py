@@ -120,3 +120,28 @@ def test_shared_storage_and_mlflow_are_named_exactly_once(cluster):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(cmd for cmd in cluster[key] if "ray start" in cmd)
         assert start.startswith("source ~/.vljepa_env"), start
+
+
+def test_every_node_role_serve_and_train_ask_for_is_a_node_type(cluster):
+    """serve/config.yaml's replicas and train.node_role name custom resources; some node type must declare each,
+    with room for the replica's CPUs and GPUs, or the autoscaler would never start a node for them."""
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    types = {k: v for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
+    asked = {}
+    for dep in config["applications"][0]["deployments"]:
+        opts = dep.get("ray_actor_options", {})
+        for role in opts.get("resources", {}):
+            asked[role] = (opts.get("num_cpus", 1), opts.get("num_gpus", 0))
+    assert {"encoder_node", "decoder_node"} <= set(asked), asked
+    asked["train_node"] = (1, 1)  # a GPU training worker
+    for role, (cpus, gpus) in asked.items():
+        hosts = [
+            name
+            for name, spec in types.items()
+            if spec["resources"].get(role, 0) >= 1
+            and spec["resources"].get("CPU", 0) >= cpus
+            and spec["resources"].get("GPU", 0) >= gpus
+        ]
+        assert hosts, f"no node type declares {role} with {cpus} CPU / {gpus} GPU"
+    # Encoder and decoder on different nodes: the plan crosses the network, as the design says.
+    assert not [name for name, spec in types.items() if {"encoder_node", "decoder_node"} <= set(spec["resources"])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import re
 import shlex
@@ -362,6 +363,15 @@ def test_rayservice_serve_config_is_valid_for_serve_on_kubernetes(rayservice):
         assert attr in defined, f"{app['import_path']} does not exist"
 
 
+def declared_resources(group: dict) -> dict[str, float]:
+    """The custom resources a worker group's pods declare: rayStartParams.resources, a JSON object in a string."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    if not raw:
+        return {}
+    value = json.loads(raw.strip())
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def test_rayservice_has_room_for_every_replica(rayservice):
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == constraints()["ray"]
@@ -372,8 +382,16 @@ def test_rayservice_has_room_for_every_replica(rayservice):
         for dep in app["deployments"]:
             opts = dep.get("ray_actor_options", {})
             cpus, gpus = opts.get("num_cpus", 1), opts.get("num_gpus", 0)
-            fits = [g for g in groups if cpu_limit(g) >= cpus and gpu_limit(g) >= gpus and g["maxReplicas"] > 0]
-            assert fits, f"no worker group can hold a {dep['name']} replica ({cpus} CPU, {gpus} GPU)"
+            roles = opts.get("resources", {})
+            fits = [
+                g
+                for g in groups
+                if cpu_limit(g) >= cpus
+                and gpu_limit(g) >= gpus
+                and g["maxReplicas"] > 0
+                and all(declared_resources(g).get(role, 0) >= n for role, n in roles.items())
+            ]
+            assert fits, f"no worker group can hold a {dep['name']} replica ({cpus} CPU, {gpus} GPU, {roles})"
     assert any(gpu_limit(g) > 0 for g in groups), "no GPU group for GPU replicas"
 
 

@@ -187,3 +187,37 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(ray_local, prepare
     rows = _rows(storage, "resume")
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     assert {r["trial"] for r in rows} >= {finished}
+
+
+def test_placement_groups_of_dead_creators_are_released_and_no_other(ray_local):
+    # What an ASHA-stopped trial leaves (ray-project/ray#54305): its Train controller (an actor) made a group,
+    # then died with the trial; the group belongs to the job and kept its CPUs until the driver exited.
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from jobs.sweep import orphaned_groups, release_orphaned_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self) -> bytes:
+            pg = placement_group([{"CPU": 1}])
+            ray.get(pg.ready())
+            return pg.id.binary()
+
+    dead, alive = Controller.remote(), Controller.remote()
+    dead_pg, alive_pg = ray.get(dead.reserve.remote()), ray.get(alive.reserve.remote())
+    own = placement_group([{"CPU": 1}])  # the driver's own (how Tune reserves a trial): never touched
+    ray.get(own.ready())
+    ray.kill(dead)
+    deadline = time.monotonic() + 30
+    while dead_pg not in orphaned_groups() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert orphaned_groups() == [dead_pg]
+    assert release_orphaned_groups() == 1
+    table = ray.util.placement_group_table()
+    assert table[dead_pg.hex()]["state"] == "REMOVED"
+    assert table[alive_pg.hex()]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
+    assert orphaned_groups() == []
+    remove_placement_group(own)
+    remove_placement_group(ray.util.placement_group.PlacementGroup(ray.PlacementGroupID(alive_pg)))
+    ray.kill(alive)

@@ -67,6 +67,7 @@ def deployed(serve_url: str, serve_fixtures: ServeFixtures, tmp_path_factory: py
     deployments = {d["name"]: d for d in app["deployments"]}
     for d in deployments.values():
         d["ray_actor_options"]["num_cpus"] = 0.1 if d["name"] == "Ingress" else 0.25
+        d["ray_actor_options"].pop("resources", None)  # one node plays every role (tests/cluster/ places them)
     deployments["PlanDecoder"]["num_replicas"] = 2
     encoder = deployments["PlanEncoder"]
     encoder.pop("autoscaling_config")
