@@ -229,7 +229,7 @@ def epoch_postfix(metrics: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def training_progress(epochs: int, desc: str = "epoch") -> Iterator[list[Any]]:
+def training_progress(epochs: int, desc: str = "training") -> Iterator[list[Any]]:
     """Yields Ray Train callbacks for `RunConfig(callbacks=...)`; draws one bar over the epochs here.
 
     Ray Train calls `UserCallback.after_report` on its controller actor, not in this process, so the
@@ -243,8 +243,12 @@ def training_progress(epochs: int, desc: str = "epoch") -> Iterator[list[Any]]:
     stop = threading.Event()
 
     def pump() -> None:
+        finished_at = None
         while True:
-            finished = stop.wait(0.5)
+            if finished_at is not None:
+                time.sleep(0.1)
+            elif stop.wait(0.5):
+                finished_at = time.monotonic()
             try:
                 reports = ray.get(mailbox.drain.remote(), timeout=30)
             except Exception:  # Ray shutting down: the bar is a convenience, never a failure
@@ -255,7 +259,8 @@ def training_progress(epochs: int, desc: str = "epoch") -> Iterator[list[Any]]:
                     if bar.n == 0 and epoch > 1:  # resumed run: start the clock at the restored epoch
                         bar.n, bar.started = epoch - 1, time.perf_counter()
                     bar.update(epoch - bar.n, epoch_postfix(metrics))
-            if finished:
+            # After fit() returns, the last epoch's report may still be on its way from the controller.
+            if finished_at is not None and (bar.n >= epochs or time.monotonic() - finished_at > 5):
                 return
 
     thread = threading.Thread(target=pump, name="training-progress", daemon=True)
