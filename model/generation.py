@@ -8,6 +8,7 @@ so with the same seed they return the same tokens, which the tests check.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -15,6 +16,10 @@ import torch
 from torch import Tensor
 
 from model.model import BOS_ID, EOS_ID, PAD_ID, VLJEPA, TextDecoder
+
+# Below this, softmax(logits / T) puts all its mass on the argmax for any logit gap above ~1e-2 (e^-100),
+# so sampling is greedy decoding with extra steps; and T -> 0 is where float32 division overflows.
+MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
 class _Decodes(Protocol):
@@ -40,8 +45,8 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     steps = min(max_new_tokens, decoder.max_len - 1)
     B = plan.shape[0]
     ids = torch.full((B, 1), BOS_ID, dtype=torch.long, device=plan.device)  # (B, 1 + generated)
@@ -67,9 +72,13 @@ def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None)
     PAD and BOS are never emitted: PAD in the output then always means "this row has ended".
     """
     logits = logits.index_fill(-1, torch.tensor([PAD_ID, BOS_ID], device=logits.device), float("-inf"))
-    if temperature == 0:
+    if temperature < MIN_SAMPLING_TEMPERATURE:  # 0, or so cold that sampling is argmax anyway
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    # Shift each row's maximum to 0 before dividing: the scaled logits are then <= 0 with an exact 0 at the
+    # top, so a tiny temperature gives -inf for the rest (never inf - inf = NaN) and softmax stays a distribution.
+    logits = logits.float()
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature  # (B, V)
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

@@ -11,6 +11,7 @@ Every failure is an `ImageDecodeError` whose `.reason` is a short machine-friend
     "truncated"        the header parsed but the pixel data ends early
     "corrupt"          the header parsed but the pixel data does not decode for another reason
     "unsupported_mode" a pixel format with no sensible RGB mapping (e.g. 32-bit float)
+    "unsupported_format" a format Pillow reads but the caller did not allow (`formats=`)
 
 Mode handling (-> RGB):
     L, 1, P (opaque), CMYK, YCbCr, LAB, HSV, RGBX   Pillow's own conversion
@@ -48,11 +49,14 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+def open_image(
+    data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None, formats: tuple[str, ...] | None = None
+) -> Image.Image:
     """Decode image bytes to a fully loaded, upright RGB image, or raise `ImageDecodeError`.
 
     `draft_size`: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as both sides stay
     >= draft_size, which is much faster for large photos and changes the result only slightly.
+    `formats`: Pillow format names to accept (e.g. ("PNG", "JPEG")); None accepts every format Pillow reads.
     """
     if not data:
         raise ImageDecodeError("empty", "no image bytes")
@@ -69,6 +73,8 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | N
         except Exception as exc:  # a plugin that chokes on its own header
             raise ImageDecodeError("not_an_image", f"{type(exc).__name__}: {exc}") from None
 
+        if formats is not None and img.format not in formats:
+            raise ImageDecodeError("unsupported_format", f"{img.format} images are not accepted; send {formats}")
         width, height = img.size
         if width * height > max_pixels:
             raise ImageDecodeError("too_many_pixels", f"{width}x{height} = {width * height} pixels > {max_pixels}")
@@ -108,12 +114,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in _SIXTEEN_BIT_MODES:
-        # (H, W) uint16 or int32 -> 0..255, rounding to nearest
-        wide = np.asarray(img).astype(np.int64).clip(0, 65535)
-        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(sixteen_to_eight(np.asarray(img)), mode="L").convert("RGB")
     if mode in _PILLOW_CONVERTIBLE:
         return img if mode == "RGB" else img.convert("RGB")
     raise ImageDecodeError("unsupported_mode", f"pixel mode {mode!r} has no RGB mapping")
+
+
+def sixteen_to_eight(values: np.ndarray, rows_per_block: int = 256) -> np.ndarray:
+    """(H, W) uint16 or int32 -> (H, W) uint8, v * 255 / 65535 rounded to nearest (values clipped to 0..65535).
+
+    Works through blocks of rows in uint32 (65535 * 255 + 32767 fits), so the temporaries stay at
+    ~4 bytes x W x rows_per_block instead of whole-image int64 arrays (8 bytes a pixel, several of them).
+    """
+    out = np.empty(values.shape, dtype=np.uint8)  # (H, W)
+    for top in range(0, values.shape[0], rows_per_block):
+        block = values[top : top + rows_per_block]
+        if block.dtype != np.uint16:
+            block = block.clip(0, 65535)
+        wide = block.astype(np.uint32)
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        out[top : top + rows_per_block] = wide
+    return out
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -152,17 +175,26 @@ def to_tensor(img: Image.Image) -> Tensor:
 class ImageTransform:
     """bytes or a PIL image -> (3, S, S) model input. The only path images take, in training and serving."""
 
-    def __init__(self, image_size: int, *, max_pixels: int = MAX_PIXELS, use_draft: bool = True) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        max_pixels: int = MAX_PIXELS,
+        use_draft: bool = True,
+        formats: tuple[str, ...] | None = None,
+    ) -> None:
         self.image_size = image_size
         self.max_pixels = max_pixels
         self.use_draft = use_draft
+        self.formats = formats  # None: any format Pillow reads
 
     def load(self, data: bytes | Image.Image) -> Image.Image:
         """The (S, S) RGB image the model will see (useful for previews and for storing resized data)."""
         if isinstance(data, Image.Image):
             img = to_rgb(data)
         else:
-            img = open_image(data, max_pixels=self.max_pixels, draft_size=self.image_size if self.use_draft else None)
+            draft = self.image_size if self.use_draft else None
+            img = open_image(data, max_pixels=self.max_pixels, draft_size=draft, formats=self.formats)
         return resize_center_crop(img, self.image_size)
 
     def __call__(self, data: bytes | Image.Image) -> Tensor:

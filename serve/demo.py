@@ -4,7 +4,8 @@
 
 1. reads LAST_RUN.json (registered model URI, MLflow tracking URI, a held-out image);
 2. starts Ray (joins $RAY_ADDRESS if set, else a fresh local instance) and Serve on 127.0.0.1;
-3. deploys the captioner from the models:/NAME@ALIAS URI, exactly as serve/config.yaml would;
+3. deploys the captioner from the models:/NAME@ALIAS URI with serve/config.yaml's settings (HTTP options,
+   app args, replicas and queues): one configuration, whether started here or by `serve run`;
 4. captions the held-out image over HTTP and prints the caption, the plan size and per-stage timings;
 5. prints the curl commands for the routes; with --keep it stays up until Ctrl-C, else it shuts down.
 """
@@ -32,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", default="demo_out/LAST_RUN.json", help="written by python -m jobs.demo")
     parser.add_argument("--model", default=None, help="serve this model source instead of the run's model_uri")
     parser.add_argument("--image", default=None, help="caption this image instead of the run's held-out image")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default=None, help="bind address (default: serve/config.yaml's, loopback)")
+    parser.add_argument("--port", type=int, default=None, help="default: serve/config.yaml's")
     parser.add_argument("--keep", action="store_true", help="keep serving until Ctrl-C")
     parser.add_argument("--verbose", action="store_true", help="show Ray, Serve and replica output here too")
     args = parser.parse_args(argv)
@@ -55,17 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray import serve
 
     from jobs import console
-    from serve.app import build_app
+    from serve.app import build_app, shipped_config
 
     console.setup_once("serve-demo", verbose=args.verbose, log_dir=run_file.parent / "logs")
 
-    print(f"== starting Ray: {start_ray()}")
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    config = shipped_config(model=model, mlflow_tracking_uri=run.get("tracking_uri"))
+    http_options = {**config.http_options}
+    http_options.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    print(f"== starting Ray: {start_ray(local_resources(config.app_args))}")
+    host = http_options.get("host", "127.0.0.1")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_options.get('port', 8000)}"
     print(f"== serving {model} at {url}")
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options=http_options)
     console.hush()  # Serve gives its driver-side logger a console handler when it starts
-    app_args: dict[str, Any] = {"model": model, "mlflow_tracking_uri": run.get("tracking_uri")}
-    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(config.app_args), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
     try:
         api_key = os.environ.get("VLJEPA_API_KEY") or None
         result = caption_file(url, image_path, api_key)
@@ -86,7 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def start_ray() -> str:
+def local_resources(app_args: dict[str, Any]) -> dict[str, float]:
+    """Custom resources the config's replicas ask for (node roles such as decoder_node), for a one-node Ray.
+
+    On a cluster each node carries its role; a local instance plays every role, with room for every replica.
+    """
+    wanted: dict[str, float] = {}
+    for options in app_args.get("deployment_options", {}).values():
+        for name, amount in options.get("ray_actor_options", {}).get("resources", {}).items():
+            replicas = options.get("num_replicas") or options.get("autoscaling_config", {}).get("max_replicas", 1)
+            wanted[name] = wanted.get(name, 0.0) + float(amount) * int(replicas)
+    return wanted
+
+
+def start_ray(resources: dict[str, float] | None = None) -> str:
     """Join $RAY_ADDRESS if set, reuse an initialised Ray, else start a local instance.
 
     A bare `ray.init()` would join whatever cluster /tmp/ray last recorded, even a dead one.
@@ -105,6 +122,7 @@ def start_ray() -> str:
         address="local",
         num_cpus=max(4, os.cpu_count() or 1),
         include_dashboard=False,
+        resources=resources,
         log_to_driver=console.log_to_driver(),  # replica output stays in Ray's session logs unless --verbose
     )
     return "a new local Ray instance"

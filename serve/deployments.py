@@ -4,12 +4,16 @@
     PlanDecoder: codec bytes -> plan (K, D) -> batch (B, K, D) -> KV-cached generation -> caption
 
 Per-request work that can fail on bad input (image decoding, plan parsing, parameter checks) happens
-before a request joins a batch, so one bad request never fails its batch neighbours. Image decoding runs
-in a worker thread; the batched model call runs on the replica's user-code event loop on purpose. Handed
-to a thread, the Python-heavy generation loop held the GIL against the thread that admits requests, so
-batches stayed at 1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests
-pile up while a batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). Serve
-answers health checks on its own loop meanwhile. Batch sizes come from `user_config` and are applied in
+before a request joins a batch, and a batch that fails anyway is re-run row by row, so one bad request
+never fails its batch neighbours. A client's mistake is *returned* as a `Rejected` value, not raised:
+Serve logs every exception a replica raises at ERROR with its traceback, and a bad upload is not an
+incident (it gets one INFO line here). Image decoding runs in a worker thread, at most
+`max_concurrent_decodes` at once per replica (a decoded image can be ~50 MB at the pixel limit); the
+batched model call runs on the replica's user-code event loop on purpose. Handed to a thread, the
+Python-heavy generation loop held the GIL against the thread that admits requests, so batches stayed at
+1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests pile up while a
+batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). Serve answers health
+checks on its own loop meanwhile. Batch sizes come from `user_config` and are applied in
 `reconfigure()`, so `serve deploy` can change them without restarting replicas.
 """
 
@@ -17,24 +21,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from ray import serve
 
 from model.checkpoint import load_decoder, load_encoder
-from model.codec import HEADER_SIZE, decode_plan, encode_plan, plan_nbytes
+from model.codec import HEADER_SIZE, PlanError, PlanFingerprintError, decode_plan, encode_plan, plan_nbytes
 from model.generation import generate
 from model.tokenizer import ByteTokenizer
-from model.transform import ImageTransform
+from model.transform import ImageDecodeError, ImageTransform
 from serve.loading import ResolvedModel, resolve_model
 
 log = logging.getLogger("ray.serve")
 MAX_TEMPERATURE = 2.0
+# The image formats the service accepts, each covered by a test over HTTP; anything else Pillow could
+# open (GIF, BMP, TIFF, ICO, PSD, ...) is a 415, not an untested decoder run on untrusted bytes.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class ParameterError(ValueError):
     """A sampling parameter outside what the decoder accepts (HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request the client must fix, returned instead of raised; the ingress maps `reason` to a status.
+
+    reason: an ImageDecodeError reason ("not_an_image", "too_many_pixels", ...), "invalid_plan",
+    "plan_fingerprint_mismatch" or "invalid_parameter".
+    """
+
+    reason: str
+    detail: str
+
+
+def _rejected(exc: Exception) -> Rejected:
+    """The Rejected value for a client-caused exception, logged as one INFO line (no traceback)."""
+    if isinstance(exc, ImageDecodeError):
+        out = Rejected(exc.reason, exc.detail or str(exc))
+    elif isinstance(exc, PlanFingerprintError):
+        out = Rejected("plan_fingerprint_mismatch", str(exc))
+    elif isinstance(exc, PlanError):
+        out = Rejected("invalid_plan", str(exc))
+    else:
+        out = Rejected("invalid_parameter", str(exc))
+    log.info("rejected request: %s: %s", out.reason, out.detail)
+    return out
 
 
 def _batch_settings(user_config: dict[str, Any] | None) -> tuple[int, float]:
@@ -57,8 +92,8 @@ def _load(source: str, tracking_uri: str | None, torch_threads: int) -> Resolved
 @serve.deployment(
     name="PlanEncoder",
     ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
-    max_queued_requests=256,
+    max_ongoing_requests=32,
+    max_queued_requests=64,
     user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
 )
 class PlanEncoder:
@@ -71,16 +106,16 @@ class PlanEncoder:
         torch_threads: int = 0,
         max_pixels: int = 64_000_000,
         plan_dtype: str = "fp16",
+        max_concurrent_decodes: int = 2,
     ) -> None:
         self.resolved = _load(source, tracking_uri, torch_threads)
         part = load_encoder(self.resolved.path)
         self.resolved.release()
         self.encoder, self.cfg, self.fingerprint = part.module, part.config.model, part.fingerprint
         self.plan_dtype = plan_dtype
-        self.transform = ImageTransform(self.cfg.image_size, max_pixels=max_pixels)
-        # The query prompt never changes, so its text encoding is computed once here, not per request.
-        with torch.inference_mode():
-            self.query = None if self.encoder.text is None else self.encoder.text(self.encoder.query_ids)  # (1, S, D)
+        self.transform = ImageTransform(self.cfg.image_size, max_pixels=max_pixels, formats=ACCEPTED_FORMATS)
+        # Bounds decode memory per replica: each decode holds up to ~4 bytes x max_pixels at its peak.
+        self._decodes = asyncio.Semaphore(max_concurrent_decodes)
         log.info("PlanEncoder serving %s (fingerprint %s)", self.resolved.source, self.fingerprint)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -105,9 +140,13 @@ class PlanEncoder:
             "bottleneck": self.cfg.bottleneck,
         }
 
-    async def encode(self, image: bytes) -> bytes:
-        """Image bytes -> plan bytes; raises model.transform.ImageDecodeError for a bad image."""
-        pixels = await asyncio.to_thread(self.transform, image)  # (3, S, S); decoding is per request
+    async def encode(self, image: bytes) -> bytes | Rejected:
+        """Image bytes -> plan bytes, or Rejected for an image that cannot be decoded."""
+        async with self._decodes:
+            try:
+                pixels = await asyncio.to_thread(self.transform, image)  # (3, S, S); decoding is per request
+            except ImageDecodeError as exc:
+                return _rejected(exc)
         return await self._encode_batch(pixels)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -117,19 +156,15 @@ class PlanEncoder:
 
     @torch.inference_mode()  # grad mode is per thread: set it on the thread that runs the model
     def plans(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, K, D): PlanEncoder.forward with the cached query encoding."""
-        patches = self.encoder.vision(images)  # (B, N, D)
-        if self.query is None:  # bottleneck == "none": the patches are the plan
-            return self.encoder.to_wire(patches)
-        fused = self.encoder.fusion(self.query.expand(images.shape[0], -1, -1), patches)  # (B, S, D)
-        return self.encoder.to_wire(self.encoder.predictor(fused))  # (B, K, plan_dim)
+        """(B, 3, S, S) -> (B, K, D): model.PlanEncoder.encode, which caches the fixed query's encoding."""
+        return self.encoder.encode(images)
 
 
 @serve.deployment(
     name="PlanDecoder",
     ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
-    max_queued_requests=256,
+    max_ongoing_requests=32,
+    max_queued_requests=64,
     user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
 )
 class PlanDecoder:
@@ -153,39 +188,63 @@ class PlanDecoder:
     def info(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "max_new_tokens": self.max_new_tokens}
 
-    async def decode(self, plan_bytes: bytes, max_new_tokens: int | None = None, temperature: float = 0.0) -> str:
-        """Plan bytes -> caption; raises model.codec.PlanError or ParameterError for bad input."""
-        limit = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if not 1 <= limit <= self.max_new_tokens:
-            raise ParameterError(f"max_new_tokens={limit} is outside [1, {self.max_new_tokens}]")
-        if not 0.0 <= temperature <= MAX_TEMPERATURE:
-            raise ParameterError(f"temperature={temperature} is outside [0, {MAX_TEMPERATURE}]")
-        plan = decode_plan(
-            plan_bytes, expect_k=self.cfg.plan_len, expect_d=self.cfg.plan_dim, expect_fingerprint=self.fingerprint
-        )  # (K, D)
-        return await self._decode_batch((plan, limit, float(temperature)))
+    async def decode(
+        self, plan_bytes: bytes, max_new_tokens: int | None = None, temperature: float = 0.0
+    ) -> str | Rejected:
+        """Plan bytes -> caption, or Rejected for a bad plan or parameter."""
+        try:
+            limit = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+            if not 1 <= limit <= self.max_new_tokens:
+                raise ParameterError(f"max_new_tokens={limit} is outside [1, {self.max_new_tokens}]")
+            temperature = float(temperature)
+            if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
+                raise ParameterError(f"temperature={temperature} is outside [0, {MAX_TEMPERATURE}]")
+            plan = decode_plan(
+                plan_bytes, expect_k=self.cfg.plan_len, expect_d=self.cfg.plan_dim, expect_fingerprint=self.fingerprint
+            )  # (K, D)
+        except (ParameterError, PlanError, ValueError) as exc:
+            return _rejected(exc)
+        result = await self._decode_batch((plan, limit, temperature))
+        if isinstance(result, Exception):  # this row failed on its own (see captions); its neighbours did not
+            raise result
+        return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _decode_batch(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str]:
+    async def _decode_batch(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str | Exception]:
         return self.captions(requests)
 
     @torch.inference_mode()
-    def captions(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str]:
+    def captions(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str | Exception]:
         """One generate() call per distinct temperature; each row is cut to its own length limit.
 
         Rows of a batch never interact (each reads only its own plan and tokens), so decoding a row
         in a batch to the group's longest limit and cutting it gives what a solo call would give.
+        A group that fails is decoded again one row at a time, so only the row that fails alone gets
+        the exception (as its result) and every other row still gets its caption.
         """
-        out: list[str] = [""] * len(requests)
+        out: list[str | Exception] = [""] * len(requests)
         groups: dict[float, list[int]] = {}
         for i, (_, _, temperature) in enumerate(requests):
             groups.setdefault(temperature, []).append(i)
         for temperature, rows in groups.items():
-            plans = torch.stack([requests[i][0] for i in rows])  # (b, K, D)
-            longest = max(requests[i][1] for i in rows)
-            tokens = generate(
-                self.decoder, plans, max_new_tokens=longest, temperature=temperature, generator=self.generator
-            )  # (b, <= longest)
-            for row, i in enumerate(rows):
-                out[i] = self.tokenizer.decode(tokens[row, : requests[i][1]])
+            try:
+                self._caption_rows(requests, rows, temperature, out)
+            except Exception:
+                log.exception("decoding a batch of %d failed; decoding its rows one by one", len(rows))
+                for i in rows:
+                    try:
+                        self._caption_rows(requests, [i], temperature, out)
+                    except Exception as exc:
+                        out[i] = exc
         return out
+
+    def _caption_rows(
+        self, requests: list[tuple[torch.Tensor, int, float]], rows: list[int], temperature: float, out: list
+    ) -> None:
+        plans = torch.stack([requests[i][0] for i in rows])  # (b, K, D)
+        longest = max(requests[i][1] for i in rows)
+        tokens = generate(
+            self.decoder, plans, max_new_tokens=longest, temperature=temperature, generator=self.generator
+        )  # (b, <= longest)
+        for row, i in enumerate(rows):
+            out[i] = self.tokenizer.decode(tokens[row, : requests[i][1]])

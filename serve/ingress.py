@@ -4,53 +4,61 @@
     POST /v1/encode   image -> plan (application/octet-stream, model.codec wire format)
     POST /v1/decode   plan bytes -> {"caption", ...}   (a plan made on one machine, decoded on another)
     GET  /v1/model    K, D, dtype, plan size, fingerprint, source
-    GET  /healthz     liveness, no auth;  /docs and /openapi.json come from FastAPI
+    GET  /healthz     liveness, no auth, never waits for model work;  /docs and /openapi.json for the API
 
-Every failure the client can fix is an `ApiError` with a precise status and a JSON body
-`{"error": code, "detail": message}`; the ingress and both deployments keep serving afterwards.
+Every failure is an `ApiError` (or a framework error given the same shape) with a precise status and a JSON
+body `{"error": code, "detail": message}` (serve/errors.py); the ingress and both deployments keep serving
+afterwards. Overload is shed here, not in the proxy (whose own 503 is plain text): at most
+`max_inflight_requests` model requests per ingress replica, the rest get 503 + Retry-After at once. A model
+replica that dies mid-request is retried once on another replica (encoding and decoding are idempotent),
+then answered with 503 + Retry-After.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real parameter types through
 # Serve's class-based-view rewrite of the route methods.
 import asyncio
-import email.parser
-import email.policy
+import contextlib
+import copy
 import hmac
+import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from model.codec import PlanError, PlanFingerprintError
-from model.transform import ImageDecodeError
-from serve import page
-from serve.deployments import ParameterError
+from serve import errors, page
+from serve.bodies import multipart_file, read_body
+from serve.deployments import MAX_TEMPERATURE, Rejected
+from serve.errors import ApiError, retry_after
 
 API_KEY_ENV = "VLJEPA_API_KEY"
 PLAN_MEDIA_TYPE = "application/octet-stream"
-MAX_TEMPERATURE = 2.0
-MAX_NEW_TOKENS_CAP = 1024  # static bound for the OpenAPI schema; the model's own limit is checked per request
-# Image bodies may be raw (any image/* or octet-stream, or no Content-Type) or a multipart upload.
+MAX_NEW_TOKENS_CAP = 1024  # static bound until the model is known; /openapi.json then shows the model's own limit
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
+# Image bodies may be raw (image/*, octet-stream, or no Content-Type) or a multipart upload.
 _RAW_IMAGE_TYPES = ("application/octet-stream", "")
-# ImageDecodeError.reason -> HTTP status: the pixel guard is a size limit (413), an unmappable pixel format is a
-# media type we do not support (415), everything else is a malformed body (400).
-_IMAGE_STATUS = {"too_many_pixels": 413, "unsupported_mode": 415}
-
-
-class ApiError(Exception):
-    """A client-visible failure: HTTP status, a short machine-readable code and a human message."""
-
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+# Rejected.reason -> HTTP status: the pixel guard is a size limit (413), a pixel format or image format we
+# do not take is an unsupported media type (415), a plan from another model a conflict (409), a bad plan or
+# parameter 422, everything else (empty, not an image, truncated, corrupt) a malformed body (400).
+_REJECTED_STATUS = {
+    "too_many_pixels": 413,
+    "unsupported_mode": 415,
+    "unsupported_format": 415,
+    "plan_fingerprint_mismatch": 409,
+    "invalid_plan": 422,
+    "invalid_parameter": 422,
+}
+log = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -60,26 +68,56 @@ class IngressSettings:
     api_key: str | None
     max_body_bytes: int
     request_timeout_s: float
+    body_timeout_s: float
+    max_inflight_requests: int
     retry_after_s: float
     default_max_new_tokens: int | None
 
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a PNG, JPEG or WebP image: raw bytes, or a multipart/form-data upload in field `file`",
+        "content": {
+            **dict.fromkeys(IMAGE_MEDIA_TYPES, _BINARY),
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+_PLAN_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "plan bytes exactly as returned by /v1/encode",
+        "content": {PLAN_MEDIA_TYPE: _BINARY},
+    }
+}
+
 api = FastAPI(
     title="VL-JEPA captioner",
     version="1",
-    description="Captions images through a compact latent plan: encoder deployment -> plan bytes -> decoder.",
+    description="Captions images through a compact latent plan: encoder deployment -> plan bytes -> decoder. "
+    'Every error answers {"error": code, "detail": message}.',
+    openapi_url=None,  # served by Ingress.openapi below, with the served model's own max_new_tokens bound
+    docs_url=None,
+    redoc_url=None,
 )
+errors.install(api)
 api.include_router(page.router)  # GET /: the web page for people (serve/page.py)
 _bearer = HTTPBearer(auto_error=False, description=f"API key, required on /v1 routes when set ({API_KEY_ENV})")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-Temperature = Annotated[float, Query(ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy")]
+Temperature = Annotated[
+    float, Query(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy; below 1e-4 also greedy")
+]
 MaxNewTokens = Annotated[int | None, Query(ge=1, le=MAX_NEW_TOKENS_CAP, description="default: the model's limit")]
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
-
+_CAPTION_ERRORS = errors.COMMON | errors.BODY | errors.OVERLOAD
+_DECODE_ERRORS = errors.COMMON | errors.BODY | errors.PLAN | errors.OVERLOAD
 
 # Module-level helpers come before the deployment class: @serve.deployment pickles the class right away,
 # so names it uses must already exist.
@@ -91,52 +129,48 @@ async def _resolve(response: DeploymentResponse) -> Any:
     return await response
 
 
-def _retry_after(seconds: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, int(-(-seconds // 1))))}  # whole seconds, rounded up, at least 1
-
-
-def _client_error(cause: BaseException | None) -> ApiError | None:
-    """The ApiError for a replica exception the client caused, or None for a server fault."""
-    if isinstance(cause, ImageDecodeError):
-        status = _IMAGE_STATUS.get(cause.reason, 400)
-        return ApiError(status, cause.reason, f"image rejected ({cause.reason}): {cause.detail or cause}")
-    if isinstance(cause, PlanFingerprintError):
-        return ApiError(409, "plan_fingerprint_mismatch", f"plan was made by another model: {cause}")
-    if isinstance(cause, PlanError):
-        return ApiError(422, "invalid_plan", f"plan rejected: {cause}")
-    if isinstance(cause, ParameterError):
-        return ApiError(422, "invalid_parameter", str(cause))
-    return None
-
-
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-def _multipart_file(body: bytes, content_type: str) -> bytes:
-    """The payload of the `file` (or `image`, or first file) part of a multipart/form-data body."""
-    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", errors="replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-    if not message.is_multipart():
-        raise ApiError(400, "bad_multipart", "multipart/form-data body has no parts (missing or wrong boundary?)")
-    parts = list(message.iter_parts())
-    for want in ("file", "image", None):
-        for part in parts:
-            name = part.get_param("name", header="content-disposition")
-            if name == want or (want is None and part.get_filename()):
-                return part.get_payload(decode=True) or b""
-    raise ApiError(400, "missing_file", "multipart/form-data body has no 'file' field")
 
 
 def _public_model(info: dict[str, Any]) -> dict[str, Any]:
     return {k: info[k] for k in ("name", "version", "fingerprint", "source")}
 
 
+def _with_token_limit(schema: dict[str, Any], limit: int) -> dict[str, Any]:
+    """A copy of the OpenAPI schema whose max_new_tokens parameters say the served model's limit."""
+    schema = copy.deepcopy(schema)
+
+    def patch(node: Any) -> None:
+        if isinstance(node, dict):
+            if "maximum" in node:
+                node["maximum"] = limit
+            for value in node.values():
+                patch(value)
+        elif isinstance(node, list):
+            for value in node:
+                patch(value)
+
+    for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+        for parameter in operation.get("parameters", []):
+            if parameter.get("name") == "max_new_tokens":
+                patch(parameter.get("schema"))
+    return schema
+
+
+def _replica_gone(exc: BaseException) -> bool:
+    """A replica died or is unreachable (not a bug in the request): worth one retry elsewhere."""
+    if isinstance(exc, RayTaskError):
+        return isinstance(exc.cause, RayActorError)
+    return isinstance(exc, RayActorError)
+
+
 @serve.deployment(
     name="Ingress",
-    max_ongoing_requests=256,
-    # A full ingress queue is answered by the proxy itself: 503 with Retry-After, never unbounded latency.
-    max_queued_requests=512,
+    # Cheap async slots: bodies trickle in and are shed here (max_inflight_requests) long before this fills,
+    # so the proxy's own plain-text 503 is a last resort. serve/config.yaml sets the same values.
+    max_ongoing_requests=512,
+    max_queued_requests=256,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     ray_actor_options={"num_cpus": 0.1},
 )
@@ -150,20 +184,33 @@ class Ingress:
         # An empty string means "no key" as well, so a blank env var cannot lock everyone out by accident.
         self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV) or None
         self._model: dict[str, Any] | None = None
+        self._inflight = 0  # model requests admitted and not yet answered (one event loop: no lock needed)
 
     # ------------------------------------------------------------------ routes
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict[str, str]:
+        """Liveness: answered by the ingress without touching a model or the admission limit."""
         return {"status": "ok"}
 
-    @api.get("/v1/model", tags=["model"])
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        schema = api.openapi()
+        with contextlib.suppress(ApiError):  # no model yet: the static bound is still a valid schema
+            schema = _with_token_limit(schema, int((await self._model_info())["max_new_tokens"]))
+        return JSONResponse(schema)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json", title=api.title)
+
+    @api.get("/v1/model", tags=["model"], responses=errors.COMMON | errors.OVERLOAD)
     async def model_info(self, credentials: Credentials) -> dict[str, Any]:
         """What is being served: plan geometry and wire size, checkpoint fingerprint, source."""
         self._authorize(credentials)
         return await self._model_info()
 
-    @api.post("/v1/caption", tags=["caption"])
+    @api.post("/v1/caption", tags=["caption"], openapi_extra=_IMAGE_BODY, responses=_CAPTION_ERRORS)
     async def caption(
         self,
         request: Request,
@@ -173,13 +220,15 @@ class Ingress:
     ) -> dict[str, Any]:
         """An image (raw body or multipart field `file`) -> caption, plan size, model and per-stage timings."""
         start = time.perf_counter()
-        info, max_new_tokens = await self._admit(credentials, max_new_tokens)
-        image = await self._read_image(request)
-        t0 = time.perf_counter()
-        plan = await self._call(self.encoder.encode.remote(image), "encoder")
-        t1 = time.perf_counter()
-        text = await self._call(self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
-        t2 = time.perf_counter()
+        self._authorize(credentials)
+        with self._slot():
+            info, max_new_tokens = await self._limits(max_new_tokens)
+            image = await self._read_image(request)
+            t0 = time.perf_counter()
+            plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
+            t1 = time.perf_counter()
+            text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+            t2 = time.perf_counter()
         return {
             "caption": text,
             "plan_bytes": len(plan),
@@ -195,16 +244,19 @@ class Ingress:
         "/v1/encode",
         tags=["plan"],
         response_class=Response,
-        responses={200: {"content": {PLAN_MEDIA_TYPE: {}}, "description": "the plan in the codec wire format"}},
+        openapi_extra=_IMAGE_BODY,
+        responses={200: {"content": {PLAN_MEDIA_TYPE: {}}, "description": "the plan in the codec wire format"}}
+        | _CAPTION_ERRORS,
     )
     async def encode(self, request: Request, credentials: Credentials) -> Response:
         """An image -> its latent plan (header + K x D payload), ready to ship to any decoder of the same model."""
         self._authorize(credentials)
-        image = await self._read_image(request)
-        plan = await self._call(self.encoder.encode.remote(image), "encoder")
+        with self._slot():
+            image = await self._read_image(request)
+            plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
         return Response(content=plan, media_type=PLAN_MEDIA_TYPE, headers={"X-Plan-Bytes": str(len(plan))})
 
-    @api.post("/v1/decode", tags=["plan"])
+    @api.post("/v1/decode", tags=["plan"], openapi_extra=_PLAN_BODY, responses=_DECODE_ERRORS)
     async def decode(
         self,
         request: Request,
@@ -214,16 +266,18 @@ class Ingress:
     ) -> dict[str, Any]:
         """Plan bytes (as returned by /v1/encode) -> caption."""
         start = time.perf_counter()
-        info, max_new_tokens = await self._admit(credentials, max_new_tokens)
+        self._authorize(credentials)
         content_type = _media_type(request)
         if content_type not in (PLAN_MEDIA_TYPE, ""):
             raise ApiError(415, "unsupported_media_type", f"plans are sent as {PLAN_MEDIA_TYPE}, got {content_type}")
-        plan = await self._read_body(request)
-        if not plan:
-            raise ApiError(400, "empty_body", "request body is empty: send the plan bytes from /v1/encode")
-        t0 = time.perf_counter()
-        text = await self._call(self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
-        t1 = time.perf_counter()
+        with self._slot():
+            info, max_new_tokens = await self._limits(max_new_tokens)
+            plan = await self._read_body(request)
+            if not plan:
+                raise ApiError(400, "empty_body", "request body is empty: send the plan bytes from /v1/encode")
+            t0 = time.perf_counter()
+            text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+            t1 = time.perf_counter()
         return {
             "caption": text,
             "plan_bytes": len(plan),
@@ -242,18 +296,28 @@ class Ingress:
         if not hmac.compare_digest(credentials.credentials.encode(), self.api_key.encode()):
             raise ApiError(401, "unauthorized", "invalid API key", _CHALLENGE)
 
-    async def _admit(
-        self, credentials: HTTPAuthorizationCredentials | None, max_new_tokens: int | None
-    ) -> tuple[dict[str, Any], int]:
-        """The checks every captioning route starts with: the API key, then the length limit against the model."""
-        self._authorize(credentials)
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Admission: a model request runs only while fewer than max_inflight_requests do; else 503 at once."""
+        limit = self.settings.max_inflight_requests
+        if self._inflight >= limit:
+            detail = f"at capacity ({limit} requests in progress); retry after the Retry-After delay"
+            raise ApiError(503, "overloaded", detail, retry_after(self.settings.retry_after_s))
+        self._inflight += 1
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+
+    async def _limits(self, max_new_tokens: int | None) -> tuple[dict[str, Any], int]:
+        """The model info and the length limit checked against the model's."""
         info = await self._model_info()
         return info, self._check_max_new_tokens(max_new_tokens, info)
 
     async def _model_info(self) -> dict[str, Any]:
         if self._model is None:  # both halves come from one checkpoint; ask each once and keep the answer
-            enc = await self._call(self.encoder.info.remote(), "encoder")
-            dec = await self._call(self.decoder.info.remote(), "decoder")
+            enc = await self._call(self.encoder.info.remote, "encoder")
+            dec = await self._call(self.decoder.info.remote, "decoder")
             self._model = {**enc, "decoder_fingerprint": dec["fingerprint"], "max_new_tokens": dec["max_new_tokens"]}
         return self._model
 
@@ -278,40 +342,44 @@ class Ingress:
             )
         body = await self._read_body(request)
         if content_type == "multipart/form-data":
-            body = _multipart_file(body, request.headers["content-type"])
+            body = multipart_file(body, request.headers["content-type"])
         if not body:
             raise ApiError(400, "empty_body", "no image bytes in the request")
         return body
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refusing (413) as soon as it is known to exceed the limit: no unbounded buffering."""
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
 
-    async def _call(self, response: DeploymentResponse, stage: str) -> Any:
-        """Await a handle call with the request timeout, mapping replica errors to client-visible ones."""
-        try:
-            return await asyncio.wait_for(_resolve(response), timeout=self.settings.request_timeout_s)
-        except TimeoutError:
-            response.cancel()
-            detail = f"{stage} did not answer within {self.settings.request_timeout_s:g} s"
-            raise ApiError(504, "timeout", detail) from None
-        except BackPressureError as exc:
-            retry = exc.retry_after_s if exc.retry_after_s is not None else self.settings.retry_after_s
-            raise ApiError(503, "overloaded", f"{stage} queue is full; retry later", _retry_after(retry)) from None
-        except DeploymentUnavailableError as exc:
-            retry = _retry_after(self.settings.retry_after_s)
-            raise ApiError(503, "unavailable", f"{stage} is unavailable: {exc}", retry) from None
-        except RayTaskError as exc:
-            raise _client_error(exc.cause) or exc from None
-        except (ImageDecodeError, PlanError, ParameterError) as exc:  # raised in-process (local testing mode)
-            raise _client_error(exc) from None
+    async def _call(self, make: Callable[[], DeploymentResponse], stage: str) -> Any:
+        """Await a handle call within the request timeout; map replica outcomes to client-visible ones.
+
+        A replica that died or became unreachable mid-request is retried once (the router picks a live
+        replica; encode and decode are idempotent), then answered with 503 + Retry-After.
+        """
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        unavailable = retry_after(self.settings.retry_after_s)
+        for attempt in (1, 2):
+            response = make()
+            try:
+                result = await asyncio.wait_for(_resolve(response), timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                response.cancel()
+                detail = f"{stage} did not answer within {self.settings.request_timeout_s:g} s"
+                raise ApiError(504, "timeout", detail) from None
+            except BackPressureError as exc:
+                retry = exc.retry_after_s if exc.retry_after_s is not None else self.settings.retry_after_s
+                raise ApiError(503, "overloaded", f"{stage} queue is full; retry later", retry_after(retry)) from None
+            except DeploymentUnavailableError as exc:
+                raise ApiError(503, "unavailable", f"{stage} is unavailable: {exc}", unavailable) from None
+            except Exception as exc:
+                if not _replica_gone(exc):
+                    raise
+                if attempt == 1:
+                    log.info("%s replica lost mid-request (%s); retrying once", stage, type(exc).__name__)
+                    continue
+                detail = f"{stage} replica unavailable ({type(exc).__name__}); retry shortly"
+                raise ApiError(503, "unavailable", detail, unavailable) from None
+            if isinstance(result, Rejected):
+                raise ApiError(_REJECTED_STATUS.get(result.reason, 400), result.reason, result.detail)
+            return result
+        raise AssertionError("unreachable")

@@ -169,3 +169,40 @@ SMALL = {
     "PlanEncoder": {"ray_actor_options": {"num_cpus": 0.25}},
     "PlanDecoder": {"ray_actor_options": {"num_cpus": 0.25}},
 }
+SHARED_APP = "captioner-test"
+BODY_TIMEOUT_S = 2.0  # the shared app's body-read deadline: short, so the slow-body test stays short
+
+
+def shipped_test_args(model: str, **overrides: object) -> dict:
+    """serve/config.yaml's app args and deployments, changed only where a one-node test run must differ.
+
+    CPUs shrink (the suite shares 8 logical CPUs on 2 cores), node-role resources go (one node plays every
+    role) and the encoder has one fixed replica instead of autoscaling. Everything else (queues, limits,
+    timeouts, two decoder replicas) is what `serve run serve/config.yaml` deploys.
+    """
+    from serve.app import shipped_config
+
+    args = shipped_config(model=model, default_max_new_tokens=MAX_NEW_TOKENS, **overrides).app_args
+    for name, options in args["deployment_options"].items():
+        options["ray_actor_options"] = dict(SMALL[name]["ray_actor_options"])
+    encoder = args["deployment_options"]["PlanEncoder"]
+    encoder.pop("autoscaling_config", None)
+    encoder["num_replicas"] = 1
+    return args
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_url: str, serve_fixtures: ServeFixtures):
+    """The shipped configuration serving the tiny model at `/`, shared by every test that needs no special app."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    args = shipped_test_args(str(serve_fixtures.model.path), body_timeout_s=BODY_TIMEOUT_S)
+    try:
+        serve.run(build_app(args), name=SHARED_APP, route_prefix="/", blocking=False)
+        wait_running(SHARED_APP)
+        wait_healthy(serve_url)
+        yield serve_url
+    finally:
+        serve.delete(SHARED_APP)

@@ -1,6 +1,6 @@
 """The captioning application over real HTTP on a local Ray: results, the plan routes, every bad input.
 
-One application (serve.run of build_app) is deployed for the whole module from a local checkpoint path.
+The session's shared application (tests/serve/conftest.py: serve/config.yaml with a local checkpoint path).
 """
 
 from __future__ import annotations
@@ -12,42 +12,24 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from ray import serve
 
 from model.checkpoint import load_encoder, load_model
 from model.codec import HEADER_SIZE, decode_plan, encode_plan
 from model.transform import ImageTransform
-from serve.app import build_app
-from tests.serve.conftest import MAX_NEW_TOKENS, SMALL, ServeFixtures, wait_healthy
+from serve.app import shipped_config
+from tests.serve.conftest import MAX_NEW_TOKENS, ServeFixtures
 
 pytestmark = pytest.mark.ray
 
-APP = "http-test"
-MAX_BODY = 64 * 1024
-MAX_PIXELS = 1_000_000
+_SHIPPED = shipped_config(model="unused").app_args
+MAX_BODY = _SHIPPED["max_body_bytes"]
+MAX_PIXELS = _SHIPPED["max_pixels"]
+SIDE_OVER_LIMIT = int(MAX_PIXELS**0.5) + 1  # a square one pixel wider than the pixel guard allows
 
 
 @pytest.fixture(scope="module")
-def url(serve_url: str, serve_fixtures: ServeFixtures):
-    args = {
-        "model": str(serve_fixtures.model.path),
-        "max_body_bytes": MAX_BODY,
-        "max_pixels": MAX_PIXELS,
-        "default_max_new_tokens": MAX_NEW_TOKENS,
-        "torch_threads": 1,
-        "deployment_options": SMALL,
-    }
-    try:
-        serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)  # returns once RUNNING
-        wait_healthy(serve_url)
-        yield serve_url
-    finally:
-        serve.delete(APP)
-
-
-@pytest.fixture(scope="module")
-def client(url: str):
-    with httpx.Client(base_url=url, timeout=60) as c:
+def client(app_url: str):
+    with httpx.Client(base_url=app_url, timeout=60) as c:
         yield c
 
 
@@ -165,7 +147,7 @@ def _bad_requests(fx: ServeFixtures) -> list[tuple[str, dict, int, str]]:
         ("/v1/caption", {"content": good_png[: len(good_png) // 2], "headers": img}, 400, "truncated"),
         ("/v1/caption", {"content": b'{"image": 1}', "headers": {"Content-Type": "application/json"}}, 415, ""),
         ("/v1/caption", {"content": b"\0" * (MAX_BODY + 1), "headers": img}, 413, "body_too_large"),
-        ("/v1/caption", {"content": png((2000, 2000), mode="L"), "headers": img}, 413, "too_many_pixels"),
+        ("/v1/caption", {"content": png((SIDE_OVER_LIMIT,) * 2, mode="L"), "headers": img}, 413, "too_many_pixels"),
         ("/v1/caption", {"files": {"note": (None, b"just a form field")}}, 400, "missing_file"),
         ("/v1/encode", {"content": b"GIF89a", "headers": img}, 400, ""),
         ("/v1/decode", {"content": b"", "headers": octet}, 400, "empty_body"),
