@@ -122,7 +122,8 @@ def test_frozen_encoder_from_pretraining_keeps_bit_identical_weights(prepared_sc
     from model.config import load_config
 
     weights = tmp_path / "vision.safetensors"
-    rc = pretrain_vision.main(["--data", str(prepared_scenes), "--out", str(weights), "--epochs", "2", *TINY_MODEL])
+    argv = ["--data", str(prepared_scenes), "--out", str(weights), "--epochs", "2", *TINY_MODEL]
+    rc = pretrain_vision.main([*argv, f"--train.storage_path={tmp_path / 'pretrain-runs'}"])
     assert rc == 0 and weights.is_file()
     pretrained = _vision_tensors(weights)
     fresh = load_config("debug", TINY_MODEL).model
