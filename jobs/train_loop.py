@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from jobs import dataset
 from jobs.caption_metrics import normalize
 from jobs.optim import optimizer_step, warmup_cosine
+from model.backbones import load_backbone_weights
 from model.checkpoint import init_vision_from_checkpoint, load_model, model_fingerprint, save_model
 from model.config import Config
 from model.generation import caption_images
@@ -61,6 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(cfg.train.seed + rank)
 
     model = build_model(cfg.model)
+    load_backbone_weights(model.encoder.vision, cfg.model)  # a timm backbone's pretrained weights, if any
     # Before the Objective copies the encoder for its EMA target, and before DDP broadcasts rank 0's weights.
     vision_fingerprint = init_vision(model, cfg)
     if vision_fingerprint != config.get("vision_weights_fingerprint"):
