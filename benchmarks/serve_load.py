@@ -133,13 +133,13 @@ def random_pngs(n: int, size: int = 64) -> list[bytes]:
 def seed_checkpoint(folder: Path) -> Path:
     import torch
 
-    from model.checkpoint import save_model
+    from model.checkpoint import CHECKPOINT_FILE, save_model
     from model.config import load_config
     from model.model import build_model
 
     cfg = load_config("seed_run2")
     torch.manual_seed(0)
-    path = folder / "model.safetensors"
+    path = folder / CHECKPOINT_FILE
     save_model(path, build_model(cfg.model), cfg)
     return path
 

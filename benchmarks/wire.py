@@ -107,7 +107,7 @@ def measure(
     """(format rows, baseline rows) for one model on one held-out set; `jpeg_sources`: side -> (N, S, S, 3) uint8."""
     cpu = torch.device("cpu")
     tok = ByteTokenizer(model.cfg.max_seq_length)
-    plans = encode_plans(model, images, batch_size=batch_size, device=cpu)  # (N, P, plan_dim)
+    plans = encode_plans(model, images, batch_size=batch_size)  # (N, P, plan_dim)
     k, d = plans.shape[1:]
 
     def captions(received: torch.Tensor) -> list[str]:

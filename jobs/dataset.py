@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from jobs.manifest import MANIFEST, SCHEMA_VERSION  # the layout jobs/prepare.py writes
 from model.config import Config
 from model.tokenizer import PAD, ByteTokenizer
 from model.transform import normalize_uint8, open_image, resize_center_crop, to_tensor
@@ -40,8 +41,6 @@ from model.transform import normalize_uint8, open_image, resize_center_crop, to_
 if TYPE_CHECKING:
     import ray.data
 
-SCHEMA_VERSION = 1  # the manifest schema this reader understands (jobs/prepare.py writes it)
-MANIFEST = "manifest.json"
 MAP_BATCH_ROWS = 256  # rows per map_batches call: big enough to amortise the call, small enough to stream
 
 

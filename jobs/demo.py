@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobs.runtime import ensure_ray
     from jobs.tracking import resolve_tracking_uri, ui_command
     from jobs.train import check_cluster, run_training
+    from model.checkpoint import CHECKPOINT_FILE
     from model.config import load_config
 
     _step(f"starting Ray: {ensure_ray()}")
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     last = {
         "model_uri": result.alias_uri,
         "model_version_uri": result.model_uri,
-        "checkpoint": str(Path(result.checkpoint_dir or "") / "model.safetensors"),
+        "checkpoint": str(Path(result.checkpoint_dir or "") / CHECKPOINT_FILE),
         "tracking_uri": resolve_tracking_uri(),
         "data_dir": str(data),
         "raw_dir": str(raw),

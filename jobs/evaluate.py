@@ -28,25 +28,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 from torch import Tensor
 
 from jobs import caption_metrics, probe, scene_metrics
+from jobs.checkpoints import resolve_checkpoint, resolve_tracking_uri
 from jobs.dataset import DataError, EvalSet, load_eval_split, load_split
 from jobs.scene_grammar import read_spec
-from jobs.tracking import fetch_checkpoint, resolve_tracking_uri
 from model.checkpoint import load_model
+from model.codec import plan_nbytes
 from model.config import Config
 from model.generation import generate
-from model.model import VLJEPA
-from model.tokenizer import PAD, ByteTokenizer
+from model.model import ENCODE_BATCH_SIZE, VLJEPA
+from model.objectives import references_ce
+from model.tokenizer import ByteTokenizer
 
 SAMPLE_TEMPERATURE = 0.7  # the log's sampled setting
 SAMPLE_SEED = 0
 PROBE_SEED = 0
 PROBE_TRAIN_IMAGES = 5000  # cap on train-split images the probe learns from
-CE_CAPTIONS_PER_IMAGE = 5
 REPORT_SAMPLES = 10  # example captions kept in the report
 
 # The log's Run 2 (baseline seed config, 2,000 test images), for the comparison column.
@@ -65,13 +65,9 @@ LOG_RUN2: dict[str, str] = {
 # Model outputs over a split
 
 
-@torch.no_grad()
-def encode_plans(model: VLJEPA, images: Tensor, *, batch_size: int, device: torch.device) -> Tensor:
-    """(N, 3, S, S) -> (N, P, D) float32 on the CPU."""
-    out = [
-        model.encoder(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, model.cfg.plan_len, model.cfg.embed_dim)
+def encode_plans(model: VLJEPA, images: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+    """(N, 3, S, S) -> (N, P, D) float32 on the CPU, through the model's one inference forward."""
+    return model.encoder.encode(images, batch_size=batch_size).float().cpu()
 
 
 @torch.no_grad()
@@ -99,49 +95,6 @@ def caption_plans(
         )
         captions.extend(tokenizer.decode_batch(ids.cpu()))
     return captions
-
-
-@torch.no_grad()
-def caption_cross_entropy(
-    model: VLJEPA,
-    plans: Tensor,
-    references: Sequence[Sequence[str]],
-    tokenizer: ByteTokenizer,
-    cfg: Config,
-    *,
-    batch_size: int,
-    device: torch.device,
-) -> tuple[float, float]:
-    """Teacher-forced next-byte CE per token over every (image, reference) pair: (plain, label-smoothed).
-
-    The log's "final CE" was the training loss, i.e. with label smoothing 0.1: the second value.
-    """
-    pairs = [
-        (i, ref[: cfg.data.max_caption_chars])
-        for i, refs in enumerate(references)
-        for ref in refs[:CE_CAPTIONS_PER_IMAGE]
-    ]
-    total = smoothed = tokens = 0.0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        ids, _ = tokenizer.batch([text for _, text in chunk])  # (B, T)
-        ids = ids.to(device)
-        plan = plans[[i for i, _ in chunk]].to(device)  # (B, P, D)
-        logits = model.decoder(plan, ids)[:, :-1].float()  # (B, T-1, V): position t predicts t+1
-        target = ids[:, 1:]
-        flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-        total += F.cross_entropy(flat_logits, flat_target, ignore_index=PAD, reduction="sum").item()
-        smoothed += F.cross_entropy(
-            flat_logits,
-            flat_target,
-            ignore_index=PAD,
-            reduction="sum",
-            label_smoothing=cfg.objective.label_smoothing,
-        ).item()
-        tokens += (target != PAD).sum().item()
-    if not tokens:
-        return float("nan"), float("nan")
-    return total / tokens, smoothed / tokens
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +145,7 @@ def _probe_sets(
         train_set = load_split(data_dir, probe_split, size, limit=cap)
         how = f"trained on {probe_split!r}"
     if train_set is not None and len(train_set):
-        train_pooled = probe.pool_plans(encode_plans(model, train_set.images, batch_size=batch_size, device=device))
+        train_pooled = probe.pool_plans(encode_plans(model, train_set.images, batch_size=batch_size))
         return train_pooled, _Labels.of(train_set), pooled, _Labels.of(eval_set), f"{how} ({len(train_set)} images)"
     perm = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(PROBE_SEED)).tolist()
     half = len(perm) // 2
@@ -287,7 +240,7 @@ def evaluate_model(
     report: str | None = None,
     max_images: int | None = None,
     probe_split: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = ENCODE_BATCH_SIZE,
     device: str | None = None,
     mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
@@ -298,8 +251,12 @@ def evaluate_model(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint = fetch_checkpoint(source)
-    loaded = load_model(checkpoint, map_location=dev)
+    resolved = resolve_checkpoint(source)  # the same rule as serve: jobs/checkpoints.py
+    try:
+        loaded = load_model(resolved.path, map_location=dev)
+    finally:
+        resolved.release()
+    checkpoint = resolved.path if resolved.download_dir is None else f"{source} (version {resolved.version})"
     model, cfg = loaded.model.eval(), loaded.config
     data, heldout_fraction = load_eval_data(data_dir, split, cfg, limit=max_images or 0)
     if len(data.image_ids) == 0:
@@ -307,12 +264,20 @@ def evaluate_model(
     tokenizer = ByteTokenizer(cfg.model.max_seq_length)
     references = [list(refs) for refs in data.captions]
 
-    plans = encode_plans(model, data.images, batch_size=batch_size, device=dev)  # (N, P, D)
+    plans = encode_plans(model, data.images, batch_size=batch_size)  # (N, P, D)
     greedy = caption_plans(model, plans, tokenizer, batch_size=batch_size, device=dev)
     sampled = caption_plans(
         model, plans, tokenizer, batch_size=batch_size, device=dev, temperature=SAMPLE_TEMPERATURE, seed=SAMPLE_SEED
     )
-    ce, ce_smoothed = caption_cross_entropy(model, plans, references, tokenizer, cfg, batch_size=batch_size, device=dev)
+    # The one CE home (model.objectives), as train-time val_ce; the log's "final CE" was the training
+    # loss, i.e. with label smoothing: the second value.
+    ce, ce_smoothed = references_ce(
+        model.decoder,
+        plans,
+        references,
+        max_chars=cfg.data.max_caption_chars,
+        label_smoothing=(0.0, cfg.objective.label_smoothing),
+    )
 
     metrics: dict[str, Any] = {
         "source": source,
@@ -326,7 +291,7 @@ def evaluate_model(
         "final_ce_smoothed": ce_smoothed,
         "plan_len": cfg.model.plan_len,
         "embed_dim": cfg.model.embed_dim,
-        "plan_bytes": cfg.model.plan_len * cfg.model.embed_dim * 2,  # fp16 K x D
+        "plan_bytes": plan_nbytes(cfg.model.plan_len, cfg.model.embed_dim, "fp16"),  # K x D payload
     }
     metrics.update(caption_metrics.caption_report(greedy, references, sampled))
     scene_spec = read_spec(data_dir)  # a scenes set keeps its spec beside the shards; COCO has none
@@ -473,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--report", default="eval_report.json", help="JSON report path; the table goes beside it as .md"
     )
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=ENCODE_BATCH_SIZE)
     parser.add_argument(
         "--probe-split", default=None, help="split the probe learns from (default: the config's train split)"
     )

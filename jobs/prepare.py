@@ -45,30 +45,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.coco_records import PrepareError, load_annotations, skip_record
+from jobs.manifest import COMPRESSION, MANIFEST, SCHEMA, SCHEMA_VERSION
 from model.transform import MAX_PIXELS, ImageDecodeError, open_image, resize_center_crop
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 SHARD_ROWS = 1024  # rows per Parquet file: many files -> file-level shuffling and parallel reads
 ROW_GROUP_ROWS = 256  # rows per row group: the unit a streaming reader fetches
 DECODE_BATCH = 32  # images per Ray Data map_batches call
 JPEG_QUALITY = 95
-
-SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("file_name", pa.string()),
-        ("image", pa.binary()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("captions", pa.list_(pa.string())),
-        ("category_ids", pa.list_(pa.int64())),
-    ],
-    metadata={"vljepa.schema_version": str(SCHEMA_VERSION)},
-)
-# The image bytes are already compressed; zstd only pays off on the text and id columns.
-COMPRESSION = {"image_id": "zstd", "file_name": "zstd", "image": "none", "width": "zstd", "height": "zstd"}
-COMPRESSION |= {"captions": "zstd", "category_ids": "zstd"}
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Starting or joining Ray on purpose.
+"""Starting or joining Ray on purpose: the one place jobs/ and serve/ start Ray.
 
 A bare `ray.init()` joins whatever cluster `/tmp/ray/ray_current_cluster` names, even a
-dead one. Jobs therefore start their own local instance unless the user points them at a
-cluster with `RAY_ADDRESS` (which `ray job submit` sets for the driver).
+dead one. Jobs and the Serve demo therefore start their own local instance unless the user
+points them at a cluster with `RAY_ADDRESS` (which `ray job submit` sets for the driver).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from jobs import console
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(num_cpus: int | None = None, *, namespace: str | None = None) -> str:
+def ensure_ray(
+    num_cpus: int | None = None, *, namespace: str | None = None, resources: dict[str, float] | None = None
+) -> str:
     """Join `RAY_ADDRESS` if set, reuse an initialised Ray, else start a fresh local instance.
 
+    resources: custom resources of the local node (Serve's node roles); ignored when joining a cluster.
     Returns a short description of what was joined, for the job's console output.
     """
     if ray.is_initialized():
@@ -33,6 +36,7 @@ def ensure_ray(num_cpus: int | None = None, *, namespace: str | None = None) -> 
     ray.init(
         address="local",
         num_cpus=num_cpus if num_cpus is not None else local_cpus(),
+        resources=resources,
         include_dashboard=False,
         **kwargs,
     )

@@ -4,53 +4,44 @@ The driver opens (or, on resume, re-opens) one MLflow run per training run and l
 config as params. The rank-0 Ray Train worker logs per-epoch metrics and a table of sample captions
 with their images into that run through `EpochLogger`. When training ends the driver logs the best
 checkpoint, wraps it as an MLflow model and registers a new version under an alias, so
-`models:/NAME@ALIAS` resolves anywhere the tracking server is reachable.
+`models:/NAME@ALIAS` resolves anywhere the tracking server is reachable: `jobs.checkpoints` turns it
+back into a local checkpoint, and `mlflow.pyfunc.load_model` into a captioner that needs no checkout
+(`jobs/captioner_pyfunc.py`).
 
 Every MLflow import of the project lives in jobs/; model/ never sees it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.metadata
 import json
-import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.pyfunc
 from mlflow import MlflowClient
-from mlflow.pyfunc import PythonModel
 
+from jobs.checkpoints import resolve_tracking_uri
+from model.checkpoint import CHECKPOINT_FILE
 from model.config import Config
 
-CHECKPOINT_FILE = "model.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
+PYFUNC_CODE = ROOT / "jobs" / "captioner_pyfunc.py"
+MODEL_PACKAGE = ROOT / "model"
+MODEL_ARTIFACT = "captioner"  # the pyfunc model's folder among the run's artifacts
+RUNTIME_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pillow", "safetensors")
 RUN_TAG = "vljepa.train_run"  # "<storage>/<run name>": how a resumed training run finds its MLflow run
 SAMPLES_TABLE = "sample_captions.json"
 
 
 # ---------------------------------------------------------------------------
-# Where runs go
-
-
-def resolve_tracking_uri(configured: str = "") -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else an absolute `sqlite:///.../mlflow.db` in the cwd.
-
-    The path is made absolute because Ray workers run in other directories and must reach the same
-    database. MLflow 3 refuses plain folder stores, hence sqlite as the embedded default.
-    """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
-    return _absolute_sqlite(uri)
-
-
-def _absolute_sqlite(uri: str) -> str:
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
-        return uri
-    return prefix + str(Path(uri[len(prefix) :]).resolve())
+# Where runs go (the tracking URI itself is resolved by jobs.checkpoints.resolve_tracking_uri)
 
 
 def _artifact_root(tracking_uri: str) -> str | None:
@@ -76,32 +67,6 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         if experiment is None:
             raise
         return experiment.experiment_id
-
-
-@contextlib.contextmanager
-def _fluent_uris(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (log_model, register_model) at `tracking_uri`, then put things back.
-
-    `mlflow.set_tracking_uri` / `set_registry_uri` are process-wide and also export
-    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; left set, a later client in the same process (a second
-    run, a test, a notebook) would silently register its models into this run's store.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -225,42 +190,6 @@ def _now_ms() -> int:
 # The trained model: logged, registered, fetched back
 
 
-class CaptionerModel(PythonModel):
-    """pyfunc wrapper: the artifact is the safetensors checkpoint; nothing of torch is pickled.
-
-    `predict` takes a list of encoded images (bytes) and returns greedy captions.
-    """
-
-    def load_context(self, context: Any) -> None:
-        from model.checkpoint import load_model
-        from model.tokenizer import ByteTokenizer
-        from model.transform import ImageTransform
-
-        loaded = load_model(context.artifacts["checkpoint"])
-        self._model = loaded.model.eval()
-        self._tokenizer = ByteTokenizer(loaded.config.model.max_seq_length)
-        self._transform = ImageTransform(loaded.config.model.image_size)
-
-    def predict(self, context: Any, model_input: list[bytes], params: dict[str, Any] | None = None) -> list[str]:
-        import torch
-
-        from model.generation import caption_images
-
-        if hasattr(model_input, "iloc"):  # a DataFrame with one column of image bytes
-            model_input = list(model_input.iloc[:, 0])
-        images = torch.stack([self._transform(data) for data in model_input])  # (B, 3, S, S)
-        with torch.no_grad():
-            return caption_images(self._model, images, self._tokenizer)
-
-
-_MODEL_CODE = """import mlflow
-
-from jobs.tracking import CaptionerModel
-
-mlflow.models.set_model(CaptionerModel())
-"""
-
-
 @dataclass
 class RegisteredModel:
     name: str
@@ -276,62 +205,54 @@ def log_and_register(
     checkpoint_dir: str | Path,
     final_metrics: dict[str, Any],
 ) -> RegisteredModel | None:
-    """Log the checkpoint and an MLflow model wrapping it; register a new version with the alias."""
+    """Log the checkpoint and an MLflow model wrapping it; register a new version with the alias.
+
+    Everything goes through an `MlflowClient` bound to `tracking_uri`: the model is saved to a local
+    folder and uploaded as run artifacts, then registered from there, so MLflow's process-wide
+    tracking and registry URIs are never written.
+    """
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE
     client = _client(tracking_uri)
     client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
     client.log_text(run_id, json.dumps(final_metrics, indent=2, sort_keys=True, default=str), "final_metrics.json")
+    with tempfile.TemporaryDirectory(prefix="vljepa-pyfunc-") as tmp:
+        local = Path(tmp) / MODEL_ARTIFACT
+        mlflow.pyfunc.save_model(
+            path=str(local),
+            python_model=str(PYFUNC_CODE),  # "models from code": this file is stored, not a pickle
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(MODEL_PACKAGE)],  # model/ travels with the model: no checkout needed to load it
+            pip_requirements=runtime_requirements(),  # explicit: inferring them would load the model
+        )
+        _drop_bytecode(local)
+        client.log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT)
     name = cfg.tracking.registered_model
-    with _fluent_uris(tracking_uri):
-        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-            # "Models from code": MLflow stores this two-line script instead of a pickled object.
-            code = Path(tmp) / "captioner_model.py"
-            code.write_text(_MODEL_CODE)
-            info = mlflow.pyfunc.log_model(
-                name="captioner",
-                python_model=str(code),
-                artifacts={"checkpoint": str(checkpoint)},
-                # Explicit requirements: inferring them would load the model in a subprocess.
-                pip_requirements=["torch", "safetensors", "numpy", "pillow"],
-            )
-        if not name:
-            return None
-        version = mlflow.register_model(info.model_uri, name, await_registration_for=0)
+    if not name:
+        return None
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source, run_id=run_id)
     if cfg.tracking.alias:
         client.set_registered_model_alias(name, cfg.tracking.alias, version.version)
     alias_uri = f"models:/{name}@{cfg.tracking.alias}" if cfg.tracking.alias else f"models:/{name}/{version.version}"
     return RegisteredModel(name, str(version.version), f"models:/{name}/{version.version}", alias_uri)
 
 
+def runtime_requirements() -> list[str]:
+    """Pip requirements of the pyfunc: what `model/` and the wrapper import, pinned to the versions
+    installed here (public version: torch's "+cpu" build label is not a PyPI version)."""
+    return [f"{dist}=={importlib.metadata.version(dist).split('+')[0]}" for dist in RUNTIME_DISTRIBUTIONS]
+
+
+def _drop_bytecode(folder: Path) -> None:
+    """code_paths copies the package folder as it is; compiled caches are machine-specific noise."""
+    for cache in folder.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(run_id, status=status)
-
-
-def fetch_checkpoint(source: str, *, tracking_uri: str = "") -> Path:
-    """Local path of `model.safetensors` for a file, a folder holding it, or an MLflow URI.
-
-    MLflow URIs (`models:/NAME@ALIAS`, `models:/NAME/3`, `runs:/ID/checkpoint`, ...) are downloaded
-    from the tracking server given here, by $MLFLOW_TRACKING_URI, or the local sqlite default.
-    """
-    if "://" in source or source.startswith(("models:/", "runs:/")):
-        uri = resolve_tracking_uri(tracking_uri)
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=source,
-                tracking_uri=uri,
-                registry_uri=uri,
-                dst_path=tempfile.mkdtemp(prefix="vljepa-model-"),
-            )
-        )
-    else:
-        local = Path(source).expanduser()
-        if not local.exists():
-            raise FileNotFoundError(
-                f"no checkpoint at {local}: give a {CHECKPOINT_FILE} file, its folder, or a models:/ URI"
-            )
-    if local.is_file():
-        return local
-    found = sorted(local.rglob(CHECKPOINT_FILE), key=lambda p: len(p.parts))
-    if not found:
-        raise FileNotFoundError(f"{source} holds no {CHECKPOINT_FILE}")
-    return found[0]

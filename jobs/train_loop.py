@@ -30,22 +30,21 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jobs import dataset
-from jobs.caption_metrics import normalize
+from jobs.caption_metrics import exact_match, unique_captions
 from jobs.optim import optimizer_step, warmup_cosine
 from model.backbones import load_backbone_weights
-from model.checkpoint import init_vision_from_checkpoint, load_model, model_fingerprint, save_model
+from model.checkpoint import CHECKPOINT_FILE, init_vision_from_checkpoint, load_model, model_fingerprint, save_model
 from model.config import Config
 from model.generation import caption_images
 from model.model import VLJEPA, build_model
-from model.objectives import Objective
-from model.tokenizer import PAD, ByteTokenizer
+from model.objectives import Objective, references_ce
+from model.tokenizer import ByteTokenizer
 from model.transform import IMAGENET_MEAN, IMAGENET_STD
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = CHECKPOINT_FILE
 STATE_FILE = "train_state.pt"
 KILL_EPOCH_ENV = "VLJEPA_TEST_KILL_AT_EPOCH"  # test hook: rank 0 dies mid-epoch N once
 KILL_MARKER_ENV = "VLJEPA_TEST_KILL_MARKER"  # ... unless this file exists (then it is a restart)
@@ -121,7 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("mlflow_run_id"):
             metrics["mlflow_run_id"] = config["mlflow_run_id"]  # a string: sweeps read it from the result
         with tempfile.TemporaryDirectory(prefix="vljepa-ckpt-") as folder:
-            write_checkpoint(Path(folder), objective, optimizer, scheduler, cfg, epoch, vision_fingerprint)
+            write_checkpoint(
+                Path(folder), objective, optimizer, scheduler, cfg, epoch, vision_fingerprint, metrics.get("val_ce")
+            )
             if logger is not None:
                 logger.log_metrics(metrics, step=epoch)
                 logger.log_samples(epoch, samples.images, samples.references, samples.captions)
@@ -232,8 +233,10 @@ def write_checkpoint(
     cfg: Config,
     epoch: int,
     vision_fingerprint: str | None = None,
+    val_ce: float | None = None,
 ) -> None:
-    extra = {"epoch": str(epoch)}
+    # epoch and val_ce in the checkpoint itself: jobs.checkpoints picks a run folder's best by them.
+    extra = {"epoch": str(epoch)} | ({"val_ce": repr(float(val_ce))} if val_ce is not None else {})
     if vision_fingerprint:  # which weights the vision encoder started from (frozen: still holds)
         extra |= {"vision_weights": cfg.model.vision_weights, VISION_FINGERPRINT_KEY: vision_fingerprint}
     save_model(folder / MODEL_FILE, objective.model, cfg, extra=extra)
@@ -313,7 +316,13 @@ class EvalResult:
 
 
 class Evaluator:
-    """Validation CE (teacher forced, all references, no label smoothing) and greedy captions."""
+    """Validation CE (teacher forced, no label smoothing) and greedy captions on the first
+    MAX_EVAL_IMAGES validation images.
+
+    val_ce is `model.objectives.references_ce` over `PlanEncoder.encode`'s plans: what
+    `jobs.evaluate` reports as final_ce for the same model, split and image cap, by construction.
+    Exact match and unique captions come from jobs.caption_metrics.
+    """
 
     def __init__(self, cfg: Config, data_dir: str, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -321,10 +330,6 @@ class Evaluator:
         split = dataset.load_eval_split(data_dir, cfg, limit=MAX_EVAL_IMAGES)
         self.images: Tensor = split.images if split is not None else torch.zeros(0, 3, 1, 1)  # (N, 3, S, S)
         self.references: list[list[str]] = split.captions if split is not None else []
-        # One (image, caption) pair per reference, tokenised once.
-        self.pair_index = [i for i, refs in enumerate(self.references) for _ in refs]
-        texts = [r[: cfg.data.max_caption_chars] for refs in self.references for r in refs]
-        self.pair_ids = self.tokenizer.batch(texts)[0] if texts else torch.zeros(0, 1, dtype=torch.long)  # (R, T)
 
     @torch.no_grad()
     def evaluate(self, model: VLJEPA) -> EvalResult:
@@ -333,37 +338,20 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            val_ce = self._cross_entropy(model)
+            plans = model.encoder.encode(self.images)  # (N, P, D)
+            (val_ce,) = references_ce(model.decoder, plans, self.references, max_chars=self.cfg.data.max_caption_chars)
             captions = self._greedy(model)
         finally:
             model.train(was_training)
         n = len(captions)
-        exact = sum(
-            normalize(c) in {normalize(r) for r in refs} for c, refs in zip(captions, self.references, strict=True)
-        )
         metrics = {
             "val_ce": val_ce,
-            "greedy_unique_pct": 100.0 * len({normalize(c) for c in captions}) / max(n, 1),
-            "exact_match_pct": 100.0 * exact / max(n, 1),
+            "greedy_unique_pct": unique_captions(captions)[1],
+            "exact_match_pct": 100.0 * exact_match(captions, self.references),
         }
         k = min(self.cfg.train.eval_samples, n)
         shown = [_to_pil(self.images[i]) for i in range(k)]
         return EvalResult(metrics, shown, [self.references[i][0] for i in range(k)], captions[:k])
-
-    def _cross_entropy(self, model: VLJEPA, batch: int = 64) -> float:
-        total, count = 0.0, 0
-        for start in range(0, len(self.pair_index), batch):
-            index = torch.tensor(self.pair_index[start : start + batch])
-            images = self.images[index].to(self.device)
-            ids = self.pair_ids[start : start + batch].to(self.device)  # (B, T)
-            logits = model(images, ids).logits.float()  # (B, T, V): position t predicts token t+1
-            targets = ids[:, 1:]
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD, reduction="sum"
-            )
-            total += float(loss)
-            count += int((targets != PAD).sum())
-        return total / max(count, 1)
 
     def _greedy(self, model: VLJEPA, batch: int = 128) -> list[str]:
         out: list[str] = []

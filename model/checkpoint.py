@@ -33,6 +33,7 @@ from model.config import Config, ConfigError
 from model.model import VLJEPA, PlanEncoder, TextDecoder, build_model
 
 FORMAT = "vl-jepa/1"
+CHECKPOINT_FILE = "model.safetensors"  # the one name a checkpoint folder's weights file has (jobs, serve, MLflow)
 _RESERVED = ("format", "config", "fingerprint")
 
 PathLike = str | os.PathLike[str]

@@ -15,7 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from model.model import BOS_ID, EOS_ID, PAD_ID, VLJEPA, TextDecoder
+from model.model import VLJEPA, TextDecoder
+from model.tokenizer import BOS, EOS, PAD
 
 # Below this, softmax(logits / T) puts all its mass on the argmax for any logit gap above ~1e-2 (e^-100),
 # so sampling is greedy decoding with extra steps; and T -> 0 is where float32 division overflows.
@@ -49,7 +50,7 @@ def generate(
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     steps = min(max_new_tokens, decoder.max_len - 1)
     B = plan.shape[0]
-    ids = torch.full((B, 1), BOS_ID, dtype=torch.long, device=plan.device)  # (B, 1 + generated)
+    ids = torch.full((B, 1), BOS, dtype=torch.long, device=plan.device)  # (B, 1 + generated)
     done = torch.zeros(B, dtype=torch.bool, device=plan.device)
     state = decoder.init_state(plan, steps + 1) if use_cache else None
     for _ in range(steps):
@@ -58,8 +59,8 @@ def generate(
         else:
             logits = decoder(plan, ids)[:, -1]  # (B, V): the whole prefix recomputed
         nxt = _pick(logits, temperature, generator)  # (B,)
-        nxt = nxt.masked_fill(done, PAD_ID)
-        done = done | (nxt == EOS_ID)
+        nxt = nxt.masked_fill(done, PAD)
+        done = done | (nxt == EOS)
         ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
         if bool(done.all()):
             break
@@ -71,7 +72,7 @@ def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None)
 
     PAD and BOS are never emitted: PAD in the output then always means "this row has ended".
     """
-    logits = logits.index_fill(-1, torch.tensor([PAD_ID, BOS_ID], device=logits.device), float("-inf"))
+    logits = logits.index_fill(-1, torch.tensor([PAD, BOS], device=logits.device), float("-inf"))
     if temperature < MIN_SAMPLING_TEMPERATURE:  # 0, or so cold that sampling is argmax anyway
         return logits.argmax(-1)
     # Shift each row's maximum to 0 before dividing: the scaled logits are then <= 0 with an exact 0 at the
@@ -108,6 +109,6 @@ def strip_special(tokens: Tensor) -> list[Sequence[int]]:
     """Rows of generated ids without EOS and padding (handy for metrics on raw ids)."""
     out = []
     for row in tokens.tolist():
-        end = row.index(EOS_ID) if EOS_ID in row else len(row)
-        out.append([t for t in row[:end] if t != PAD_ID])
+        end = row.index(EOS) if EOS in row else len(row)
+        out.append([t for t in row[:end] if t != PAD])
     return out

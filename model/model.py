@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from model.backbones import build_vision
 from model.config import ModelConfig
+from model.tokenizer import BOS, EOS, NUM_SPECIALS
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the byte tokenizer's specials (model/tokenizer.py)
-BYTE_OFFSET = 4  # byte b has id b + 4
+ENCODE_BATCH_SIZE = 64  # images per forward in PlanEncoder.encode (evaluation, training-time validation)
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +337,7 @@ class SemanticPredictor(nn.Module):
 
 def query_token_ids(text: str) -> list[int]:
     """The fixed prompt as byte-tokenizer ids: [BOS, bytes + 4, EOS]."""
-    return [BOS_ID, *(b + BYTE_OFFSET for b in text.encode("utf-8")), EOS_ID]
+    return [BOS, *(b + NUM_SPECIALS for b in text.encode("utf-8")), EOS]
 
 
 class PlanEncoder(nn.Module):
@@ -358,12 +358,46 @@ class PlanEncoder(nn.Module):
         self.wire_down = nn.Linear(cfg.embed_dim, cfg.wire_dim) if cfg.wire_dim else None
         # Not persistent: rebuilt from cfg.query_text, so it never appears in checkpoints.
         self.register_buffer("query_ids", torch.tensor([query_token_ids(cfg.query_text)]), persistent=False)
+        self._query_cache: tuple[tuple, Tensor] | None = None  # (weights key, (1, S, D)): see query_encoding
+
+    def query_encoding(self) -> Tensor:
+        """The fixed query prompt through the text encoder: (1, S, D), the same for every image.
+
+        With gradients on (training) it is computed on every call, so the text encoder learns. Without
+        them (evaluation, serving, the EMA target) it is cached, keyed by the device, the autocast state
+        and each text-encoder parameter's storage and version counter: any change of the weights (an
+        optimizer step, the EMA's lerp_, load_state_dict, .to()) recomputes it on the next call.
+        """
+        if torch.is_grad_enabled():
+            return self.text(self.query_ids)
+        device = self.query_ids.device
+        key = (
+            device,
+            torch.is_autocast_enabled(device.type),
+            *((p.data_ptr(), p._version) for p in self.text.parameters()),
+        )
+        if self._query_cache is None or self._query_cache[0] != key:
+            # Outside inference mode, so the cached tensor stays usable by plain no_grad callers too.
+            with torch.inference_mode(False), torch.no_grad():
+                self._query_cache = (key, self.text(self.query_ids))
+        return self._query_cache[1]
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Inference: images (N, 3, S, S) -> plans (N, P, plan width) on this encoder's device.
+
+        `batch_size` images per forward, the query encoding cached: the one encoder forward that
+        jobs.evaluate, the training-time validation and the Serve PlanEncoder run.
+        """
+        device = self.query_ids.device
+        chunks = [self(images[i : i + batch_size].to(device)) for i in range(0, max(len(images), 1), batch_size)]
+        return torch.cat(chunks)
 
     def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         patches = self.vision(images, patch_mask)  # (B, N, D)
         if self.bottleneck == "none":
             return self.to_wire(patches)
-        query = self.text(self.query_ids)  # (1, S, D): the prompt is the same for every row
+        query = self.query_encoding()  # (1, S, D): the prompt is the same for every row
         fused = self.fusion(query.expand(images.shape[0], -1, -1), patches)  # (B, S, D)
         return self.to_wire(self.predictor(fused))  # (B, K, plan_dim)
 

@@ -30,13 +30,19 @@ gradient each step.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ObjectiveConfig
-from model.model import PAD_ID, VLJEPA
+from model.model import VLJEPA, TextDecoder
+from model.tokenizer import PAD, ByteTokenizer
+
+CE_REFERENCES_PER_IMAGE = 5  # COCO's count: the few images with 6 or 7 references are scored on their first 5
+CE_BATCH_SIZE = 64  # (image, reference) pairs per decoder forward in references_ce
 
 
 class Objective(nn.Module):
@@ -77,7 +83,7 @@ class Objective(nn.Module):
         multi-hot (only with category_weight > 0) -> scalar terms."""
         cfg = self.cfg
         if caption_mask is None:
-            caption_mask = caption_ids != PAD_ID
+            caption_mask = caption_ids != PAD
         logits, plan = self.model(images, caption_ids)  # (B, T, V), (B, P, D)
         out = {"ce": caption_ce(logits, caption_ids, cfg.label_smoothing)}
         out["diversity"] = plan_diversity(plan)
@@ -133,11 +139,48 @@ class Objective(nn.Module):
         return self
 
 
-def caption_ce(logits: Tensor, caption_ids: Tensor, label_smoothing: float) -> Tensor:
-    """Next-byte CE: logits[:, t] (B, T, V) against ids[:, t + 1]; PAD targets ignored."""
+def caption_ce(logits: Tensor, caption_ids: Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+    """Next-byte CE: logits[:, t] (B, T, V) against ids[:, t + 1]; PAD targets ignored.
+
+    The one teacher-forced cross-entropy: the training loss ("mean" over the batch's target tokens)
+    and, through `references_ce`, the validation and evaluation figures ("sum", divided by the
+    corpus's token count).
+    """
     pred = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B * (T-1), V)
     target = caption_ids[:, 1:].reshape(-1)  # (B * (T-1),)
-    return F.cross_entropy(pred.float(), target, ignore_index=PAD_ID, label_smoothing=label_smoothing)
+    return F.cross_entropy(pred.float(), target, ignore_index=PAD, label_smoothing=label_smoothing, reduction=reduction)
+
+
+@torch.no_grad()
+def references_ce(
+    decoder: TextDecoder,
+    plans: Tensor,
+    references: Sequence[Sequence[str]],
+    *,
+    max_chars: int,
+    label_smoothing: Sequence[float] = (0.0,),
+    per_image: int = CE_REFERENCES_PER_IMAGE,
+) -> tuple[float, ...]:
+    """Teacher-forced CE per target token over every (image, reference) pair; one value per smoothing.
+
+    plans (N, P, D): image i's plan reads each of references[i] (the first `per_image`, each cut to
+    `max_chars` characters as training cuts them). The mean is over target tokens of the whole set,
+    not per batch, so the figure does not depend on how the pairs are batched. Train-time `val_ce`
+    and jobs.evaluate's `final_ce` are both this function over PlanEncoder.encode's plans. The
+    decoder runs in the mode it is in (call it in eval mode). NaN when there is no target token.
+    """
+    tokenizer = ByteTokenizer(decoder.max_len)
+    device = decoder.head.weight.device
+    pairs = [(i, ref[:max_chars]) for i, refs in enumerate(references) for ref in list(refs)[:per_image]]
+    totals, tokens = [0.0] * len(label_smoothing), 0
+    for start in range(0, len(pairs), CE_BATCH_SIZE):
+        chunk = pairs[start : start + CE_BATCH_SIZE]
+        ids = tokenizer.batch([text for _, text in chunk])[0].to(device)  # (B, T)
+        logits = decoder(plans[[i for i, _ in chunk]].to(device), ids)  # (B, T, V)
+        for k, smoothing in enumerate(label_smoothing):
+            totals[k] += caption_ce(logits, ids, smoothing, reduction="sum").item()
+        tokens += int((ids[:, 1:] != PAD).sum())
+    return tuple(total / tokens if tokens else math.nan for total in totals)
 
 
 def plan_diversity(plan: Tensor) -> Tensor:

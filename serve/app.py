@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from ray import serve
 from ray.serve import Application
 
+from jobs.checkpoints import is_mlflow_uri, resolve_tracking_uri
 from serve.deployments import PlanDecoder, PlanEncoder
 from serve.ingress import Ingress
 
@@ -39,7 +40,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(DEFAULT_MODEL, min_length=1, description="checkpoint file/folder, models:/ or runs:/ URI")
-    mlflow_tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (as jobs.evaluate)"
+    )
     api_key: str | None = Field(None, description="bearer token for /v1 routes; default: $VLJEPA_API_KEY")
     max_body_bytes: PositiveInt = 8 * 1024 * 1024
     max_pixels: PositiveInt = Field(SERVE_MAX_PIXELS, description="decompression-bomb guard, checked before decoding")
@@ -67,7 +70,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         extra = opts.deployment_options.get(deployment.name)
         return deployment.options(**extra) if extra else deployment
 
-    model_args = {"source": opts.model, "tracking_uri": opts.mlflow_tracking_uri, "torch_threads": opts.torch_threads}
+    # Resolved here, once: every replica then reads the same store, whatever directory it runs in.
+    tracking_uri = resolve_tracking_uri(opts.mlflow_tracking_uri) if is_mlflow_uri(opts.model) else None
+    model_args = {"source": opts.model, "tracking_uri": tracking_uri, "torch_threads": opts.torch_threads}
     encoder = configured(PlanEncoder).bind(
         **model_args,
         max_pixels=opts.max_pixels,

@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray import serve
 
     from jobs import console
+    from jobs.runtime import ensure_ray
     from serve.app import build_app, shipped_config
 
     console.setup_once("serve-demo", verbose=args.verbose, log_dir=run_file.parent / "logs")
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = shipped_config(model=model, mlflow_tracking_uri=run.get("tracking_uri"))
     http_options = {**config.http_options}
     http_options.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
-    print(f"== starting Ray: {start_ray(local_resources(config.app_args))}")
+    print(f"== starting Ray: {ensure_ray(resources=local_resources(config.app_args))}")
     host = http_options.get("host", "127.0.0.1")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_options.get('port', 8000)}"
     print(f"== serving {model} at {url}")
@@ -101,31 +102,6 @@ def local_resources(app_args: dict[str, Any]) -> dict[str, float]:
             replicas = options.get("num_replicas") or options.get("autoscaling_config", {}).get("max_replicas", 1)
             wanted[name] = wanted.get(name, 0.0) + float(amount) * int(replicas)
     return wanted
-
-
-def start_ray(resources: dict[str, float] | None = None) -> str:
-    """Join $RAY_ADDRESS if set, reuse an initialised Ray, else start a local instance.
-
-    A bare `ray.init()` would join whatever cluster /tmp/ray last recorded, even a dead one.
-    """
-    import ray
-
-    from jobs import console
-
-    if ray.is_initialized():
-        return "existing Ray connection"
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
-        ray.init(address=address, log_to_driver=console.log_to_driver())
-        return f"Ray cluster at {address}"
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        resources=resources,
-        log_to_driver=console.log_to_driver(),  # replica output stays in Ray's session logs unless --verbose
-    )
-    return "a new local Ray instance"
 
 
 def caption_file(url: str, image: Path, api_key: str | None, timeout_s: float = 60.0) -> dict[str, Any]:

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from ray import serve
 
+from jobs.checkpoints import ResolvedCheckpoint, resolve_checkpoint
 from model.checkpoint import load_decoder, load_encoder
 from model.codec import HEADER_SIZE, PlanError, PlanFingerprintError, decode_plan, encode_plan, plan_nbytes
 from model.generation import generate
 from model.tokenizer import ByteTokenizer
 from model.transform import ImageDecodeError, ImageTransform
-from serve.loading import ResolvedModel, resolve_model
 
 log = logging.getLogger("ray.serve")
 MAX_TEMPERATURE = 2.0
@@ -83,10 +83,10 @@ def _batch_settings(user_config: dict[str, Any] | None) -> tuple[int, float]:
     return size, wait
 
 
-def _load(source: str, tracking_uri: str | None, torch_threads: int) -> ResolvedModel:
+def _load(source: str, tracking_uri: str | None, torch_threads: int) -> ResolvedCheckpoint:
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
-    return resolve_model(source, tracking_uri=tracking_uri)
+    return resolve_checkpoint(source, tracking_uri=tracking_uri)  # the same rule as jobs.evaluate
 
 
 @serve.deployment(

@@ -1,4 +1,9 @@
-"""The repository layout and the dependency direction: model <- jobs, model <- serve, platform/ not a package."""
+"""The repository layout and the dependency direction: model <- jobs <- serve, platform/ not a package.
+
+serve/ may import the jobs/ library modules that hold code both sides need (one home for resolving a
+model source to a checkpoint, one for starting Ray); jobs/ never imports serve/, and model/ imports
+neither (nor ray, mlflow or fastapi).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("model", "jobs", "serve")
 # What model/ may import besides the standard library and itself (architecture.md).
 MODEL_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors", "timm"}  # timm: optional backbones (model/backbones.py)
+# The one homes serve/ shares with jobs/ (checkpoint resolution, Ray start-up), and the job drivers serve/ must
+# never pull in (Ray Train / Tune / the demo: a replica would import the training stack).
+SHARED_WITH_SERVE = {"jobs.checkpoints", "jobs.runtime"}
+JOB_DRIVERS = {"jobs.train", "jobs.train_loop", "jobs.sweep", "jobs.study", "jobs.demo", "jobs.evaluate"}
 
 
 def test_top_level_layout():
@@ -91,10 +100,48 @@ def package_imports(package: str) -> dict[str, set[str]]:
     return {str(p.relative_to(ROOT)): imported_top_levels(p, package) for p in files}
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("jobs", "serve"), ("serve", "jobs")])
-def test_jobs_and_serve_never_import_each_other(package, forbidden):
-    offenders = {f: sorted(names) for f, names in package_imports(package).items() if forbidden in names}
-    assert not offenders, f"{package}/ must not import {forbidden}/: {offenders}"
+def jobs_modules_imported(path: Path) -> set[str]:
+    """Dotted jobs.* modules one file imports (`import jobs.x`, `from jobs.x import y`, `from jobs import x`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == "jobs"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "jobs":
+            if node.module == "jobs":
+                names |= {f"jobs.{alias.name}" for alias in node.names}
+            else:
+                names.add(node.module)
+    return names
+
+
+def test_jobs_never_imports_serve():
+    offenders = {f: sorted(names) for f, names in package_imports("jobs").items() if "serve" in names}
+    assert not offenders, f"jobs/ must not import serve/: {offenders}"
+
+
+def test_serve_imports_jobs_library_modules_never_job_drivers():
+    """serve -> jobs is one way: library modules such as checkpoint resolution and Ray start-up, no driver."""
+    files = sorted((ROOT / "serve").rglob("*.py"))
+    used = {str(p.relative_to(ROOT)): jobs_modules_imported(p) for p in files}
+    offenders = {f: sorted(names & JOB_DRIVERS) for f, names in used.items() if names & JOB_DRIVERS}
+    assert not offenders, f"serve/ imports job drivers: {offenders}"
+    assert set().union(*used.values()) >= SHARED_WITH_SERVE  # serve uses the one homes, not copies
+
+
+@pytest.mark.parametrize("module", sorted(SHARED_WITH_SERVE))
+def test_the_shared_jobs_modules_import_no_other_job_code(module):
+    """What serve may import stays a leaf: no other jobs/ module (no job entry points, no cycle back)."""
+    path = ROOT / (module.replace(".", "/") + ".py")
+    assert jobs_modules_imported(path) - {module, "jobs.console"} == set()
+
+
+def test_model_imports_no_ray_mlflow_or_fastapi():
+    offenders = {
+        f: sorted(names & {"ray", "mlflow", "fastapi", "jobs", "serve"})
+        for f, names in package_imports("model").items()
+        if names & {"ray", "mlflow", "fastapi", "jobs", "serve"}
+    }
+    assert not offenders, f"model/ must stay pure PyTorch: {offenders}"
 
 
 def test_model_imports_only_torch_numpy_pillow_safetensors_and_stdlib():
@@ -114,3 +161,12 @@ def test_import_scanner_sees_relative_and_nested_imports(tmp_path, monkeypatch):
     found = package_imports("jobs")
     assert "serve" in found["jobs/a.py"] and "serve" in found["jobs/b.py"]
     assert found["jobs/sub/c.py"] == {"serve", "jobs"}
+    (tmp_path / "s.py").write_text(
+        "import jobs.train\nfrom jobs import evaluate, runtime\nfrom jobs.checkpoints import x\n"
+    )
+    assert jobs_modules_imported(tmp_path / "s.py") == {
+        "jobs.train",
+        "jobs.evaluate",
+        "jobs.runtime",
+        "jobs.checkpoints",
+    }

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from jobs import tracking
-from model.checkpoint import load_model, save_model
+from jobs.checkpoints import resolve_checkpoint
+from model.checkpoint import CHECKPOINT_FILE, load_model, save_model
 from model.config import load_config
 from model.model import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -30,27 +36,6 @@ def debug_checkpoint(tmp_path) -> Path:
     folder = tmp_path / "ckpt"
     save_model(folder / "model.safetensors", build_model(cfg.model), cfg)
     return folder
-
-
-def test_tracking_uri_precedence(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    # default: an absolute sqlite path in the cwd, so Ray workers elsewhere reach the same file
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/x.db")
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'rel' / 'x.db'}"
-    assert tracking.resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
-
-
-def test_fetch_checkpoint_local_paths(debug_checkpoint, tmp_path):
-    file = debug_checkpoint / "model.safetensors"
-    assert tracking.fetch_checkpoint(str(file)) == file
-    assert tracking.fetch_checkpoint(str(debug_checkpoint)) == file
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        tracking.fetch_checkpoint(str(tmp_path / "missing"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
-        tracking.fetch_checkpoint(str(tmp_path / "empty"))
 
 
 def test_resumed_run_keeps_params_and_records_changes(store):
@@ -73,7 +58,7 @@ def test_resumed_run_keeps_params_and_records_changes(store):
     assert other != run_id
 
 
-def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path):
+def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path, monkeypatch):
     cfg = load_config("debug", ["--tracking.registered_model=test-captioner", "--tracking.alias=best"])
     uri, run_id = tracking.open_run(cfg, run_name="reg", run_key="/runs/reg", resume=False)
     logger = tracking.EpochLogger(uri, run_id)
@@ -83,11 +68,15 @@ def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path):
     logger.log_samples(1, [image], ["a red square"], ["a red"])
     logger.log_samples(2, [image], ["a red square"], ["a red square"])
 
+    # Registering writes none of MLflow's process-wide URIs (the client API all the way).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    global_uris = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     first = tracking.log_and_register(cfg, uri, run_id, debug_checkpoint, {"epoch": 2})
     second = tracking.log_and_register(cfg, uri, run_id, debug_checkpoint, {"epoch": 2})
     assert (first.version, second.version) == ("1", "2")
-    # Registering left no process-wide registry behind: a client for another store registers there.
-    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == global_uris != (uri, uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
     MlflowClient(elsewhere).create_registered_model("elsewhere")
     assert [m.name for m in MlflowClient(elsewhere, registry_uri=elsewhere).search_registered_models()] == ["elsewhere"]
@@ -105,16 +94,62 @@ def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path):
     assert all(r["image"]["type"] == "image" for r in rows)  # the images are logged beside the table
 
     # The alias resolves to a local safetensors file holding the same weights.
-    fetched = tracking.fetch_checkpoint(second.alias_uri)
-    original = load_model(debug_checkpoint / "model.safetensors")
-    assert fetched.name == "model.safetensors"
-    assert load_model(fetched).fingerprint == original.fingerprint
-    run_copy = tracking.fetch_checkpoint(f"runs:/{run_id}/checkpoint")
-    assert load_model(run_copy).fingerprint == original.fingerprint
+    original = load_model(debug_checkpoint / CHECKPOINT_FILE)
+    for source in (second.alias_uri, f"runs:/{run_id}/checkpoint"):
+        fetched = resolve_checkpoint(source)
+        assert fetched.path.name == CHECKPOINT_FILE
+        assert load_model(fetched.path).fingerprint == original.fingerprint
+        fetched.release()
 
-    # The MLflow model is a pyfunc that captions image bytes without unpickling torch objects.
-    model = tracking.mlflow.pyfunc.load_model(second.uri)
+    # The MLflow model is a pyfunc that captions image bytes without unpickling torch objects, and
+    # loads in a process that cannot import this repository (cwd elsewhere, repo off sys.path, the
+    # editable install's finder removed): model/ travels with it as code_paths.
     png = tmp_path / "x.png"
     image.resize((16, 16)).save(png)
-    captions = model.predict([png.read_bytes()])
-    assert isinstance(captions, list) and len(captions) == 1 and isinstance(captions[0], str)
+    expected = _caption_here(original, png)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_OUTSIDE, second.alias_uri, str(png), str(ROOT)],
+        cwd=outside,
+        env={**env, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["before_load"] == {"model": None, "jobs": None}  # the checkout really was out of reach
+    assert "/code/model/" in result["model_from"] and not result["model_from"].startswith(str(ROOT / "model"))
+    assert result["captions"] == [expected]
+    requirements = Path(resolve_checkpoint(second.alias_uri).path).parents[1] / "requirements.txt"
+    pins = requirements.read_text().split()
+    assert {p.split("==")[0] for p in pins} >= {"torch", "safetensors", "numpy", "pillow", "mlflow"}
+
+
+def _caption_here(loaded, png: Path) -> str:
+    from model.generation import caption_images
+    from model.tokenizer import ByteTokenizer
+    from model.transform import ImageTransform
+
+    image = ImageTransform(loaded.config.model.image_size)(png.read_bytes()).unsqueeze(0)  # (1, 3, S, S)
+    return caption_images(loaded.model, image, ByteTokenizer(loaded.config.model.max_seq_length))[0]
+
+
+# Runs in a fresh interpreter: drop everything that could import the checkout, then load the pyfunc.
+_LOAD_OUTSIDE = """
+import importlib.util, json, os, sys
+uri, png, repo = sys.argv[1:]
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != repo]
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+before = {name: importlib.util.find_spec(name) for name in ("model", "jobs")}
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(uri)
+captions = model.predict([open(png, "rb").read()])
+print(json.dumps({
+    "before_load": {k: (None if v is None else str(v.origin)) for k, v in before.items()},
+    "model_from": sys.modules["model"].__file__,
+    "captions": captions,
+}))
+"""

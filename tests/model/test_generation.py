@@ -7,8 +7,8 @@ import torch
 
 from model.config import load_config
 from model.generation import caption_images, generate, strip_special
-from model.model import EOS_ID, PAD_ID, VLJEPA, build_model
-from model.tokenizer import ByteTokenizer
+from model.model import VLJEPA, build_model
+from model.tokenizer import EOS, PAD, ByteTokenizer
 
 CASES = [
     ("cross_attn", "plan"),
@@ -36,7 +36,7 @@ def boost_eos(model: VLJEPA, amount: float) -> None:
 
     def hook(_module, _inputs, logits):
         bump = torch.zeros(logits.shape[-1])
-        bump[EOS_ID] = amount
+        bump[EOS] = amount
         return logits + bump
 
     model.decoder.head.register_forward_hook(hook)
@@ -83,23 +83,23 @@ def test_rows_stop_at_eos_and_are_padded() -> None:
     )
     ended = 0
     for row in tokens.tolist():
-        if EOS_ID in row:
+        if EOS in row:
             ended += 1
-            after = row[row.index(EOS_ID) + 1 :]
-            assert all(t == PAD_ID for t in after)
-        assert PAD_ID not in row[: row.index(EOS_ID) if EOS_ID in row else len(row)]
+            after = row[row.index(EOS) + 1 :]
+            assert all(t == PAD for t in after)
+        assert PAD not in row[: row.index(EOS) if EOS in row else len(row)]
     assert ended >= 2
     lengths = {len(r) for r in strip_special(tokens)}
     assert len(lengths) > 1, "rows end at different steps"
     if ended == len(tokens):  # everyone finished: decoding stopped at the last EOS
-        assert (tokens[:, -1] == EOS_ID).any()
+        assert (tokens[:, -1] == EOS).any()
 
 
 def test_generation_stops_when_every_row_has_ended() -> None:
     model = make_model()
     boost_eos(model, 1e4)
     tokens = generate(model.decoder, plan_for(model), max_new_tokens=20)
-    assert tokens.tolist() == [[EOS_ID]] * 5
+    assert tokens.tolist() == [[EOS]] * 5
 
 
 def test_length_is_capped_by_the_position_table_and_bad_arguments_raise() -> None:

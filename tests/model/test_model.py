@@ -232,3 +232,32 @@ def test_debug_model_learns_two_captions_for_two_images() -> None:
         loss.backward()
         opt.step()
     assert caption_images(model, images, tok, max_new_tokens=30) == captions
+
+
+def test_encode_caches_the_query_encoding_until_the_weights_change() -> None:
+    """PlanEncoder.encode (evaluation, serving) equals the training forward and recomputes the cached
+    query encoding after an optimizer step or a load_state_dict, never serving stale weights."""
+    model = randomize(debug_model())
+    encoder = model.encoder
+    images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    fresh = encoder(images).detach()  # grad mode: the query goes through the text encoder each call
+    assert encoder._query_cache is None
+    assert torch.allclose(encoder.encode(images, batch_size=2), fresh, atol=1e-5)  # chunks of 2: same values
+    cached = encoder._query_cache[1]
+    encoder.encode(images)
+    assert encoder._query_cache[1] is cached  # reused, not recomputed
+
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.5)
+    encoder(images).square().mean().backward()
+    optimizer.step()
+    after_step = encoder(images).detach()
+    assert not torch.allclose(after_step, fresh)
+    assert torch.equal(encoder.encode(images), after_step)
+
+    other = randomize(debug_model(seed=4), seed=7)
+    encoder.load_state_dict(other.encoder.state_dict())
+    assert torch.equal(encoder.encode(images), other.encoder(images).detach())
+    with torch.inference_mode():  # how Serve calls it; the cache then still works without inference mode
+        served = encoder.encode(images)
+    assert torch.equal(served, encoder.encode(images))
+    assert encoder.encode(images[:0]).shape == (0, *fresh.shape[1:])

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from model.config import ObjectiveConfig, load_config
 from model.model import VLJEPA, build_model, trainable_parameters
-from model.objectives import Objective, caption_ce, category_loss, info_nce, plan_diversity, random_patch_mask
+from model.objectives import (
+    Objective,
+    caption_ce,
+    category_loss,
+    info_nce,
+    plan_diversity,
+    random_patch_mask,
+    references_ce,
+)
 from model.tokenizer import ByteTokenizer
 
 
@@ -201,3 +209,28 @@ def test_category_head_trains_the_encoder_but_stays_out_of_the_model() -> None:
         obj(images, ids, mask, cats[:, :6])
     with pytest.raises(ValueError, match="got None"):
         obj(images, ids, mask)
+
+
+def test_references_ce_is_per_token_over_all_pairs_whatever_the_batching() -> None:
+    """The one CE home of val_ce and final_ce: token-weighted over (image, reference) pairs, capped
+    per image and cut to max_chars as training cuts captions."""
+    model = make_model().eval()
+    plans = model.encoder.encode(torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    refs = [[f"caption {i} {j}" + "!" * (7 * i + j) for j in range(7)] for i in range(3)]  # 7 refs per image
+    refs[1] = ["x"]  # one short reference
+
+    def direct(per_image: int, max_chars: int, smoothing: float) -> float:
+        pairs = [(i, r[:max_chars]) for i, rs in enumerate(refs) for r in rs[:per_image]]
+        ids, _ = ByteTokenizer(model.cfg.max_seq_length).batch([t for _, t in pairs])
+        logits = model.decoder(plans[[i for i, _ in pairs]], ids)
+        return caption_ce(logits, ids, smoothing).item()  # one batch: the mean over every target token
+
+    with torch.no_grad():
+        plain, smoothed = references_ce(model.decoder, plans, refs, max_chars=12, label_smoothing=(0.0, 0.1))
+        assert plain == pytest.approx(direct(5, 12, 0.0), rel=1e-5)
+        assert smoothed == pytest.approx(direct(5, 12, 0.1), rel=1e-5)
+        assert plain != pytest.approx(direct(7, 12, 0.0), rel=1e-4)  # the 6th and 7th references are left out
+        (long,) = references_ce(model.decoder, plans, refs, max_chars=40)
+        assert long == pytest.approx(direct(5, 40, 0.0), rel=1e-5)
+    nan = references_ce(model.decoder, plans, [[], [], []], max_chars=12)
+    assert len(nan) == 1 and nan[0] != nan[0]
