@@ -1,6 +1,6 @@
 """Load test of the Serve application over loopback HTTP: throughput and p50/p95/p99 latency.
 
-    python -m benchmarks.serve_load [--requests 192] [--max-seconds 60] [--concurrency 32] [--no-write]
+    python -m benchmarks.serve_load [--requests 192] [--max-seconds 60] [--concurrency 32] [--nodes 1 2] [--no-write]
 
 Two comparisons, run in one go on an untrained seed-config model (16.9M parameters, K=16, D=256, 64x64;
 random weights decode the full token budget every time, which is the worst case for latency):
@@ -11,6 +11,9 @@ random weights decode the full token budget every time, which is the worst case 
       Both applications run side by side and the requests alternate between them (ABBA order), so
       drift in the machine's load falls on both paths alike.
 
+Both run on one Ray node (playing the encoder and the decoder role), then again across two nodes: a head
+(proxy, ingress, the single deployment) plus an encoder node and a decoder node, each its own raylet and
+object store (`ray.cluster_utils.Cluster`), placed by serve/config.yaml's node-role resources.
 Every scenario is bounded by a request count and a wall-clock cap, and talks to 127.0.0.1 only.
 The figures are appended to benchmarks/RESULTS.md under "## Serving (issue 6)".
 """
@@ -25,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +39,8 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## Serving (issue 6)"
-DATE = "2026-11-24"
+SECTION = "## Serving: batching and the encoder -> decoder hop, one node and two (issue 14)"
+DATE = "2026-11-30"
 MAX_NEW_TOKENS = 32
 
 
@@ -192,18 +196,61 @@ def fused_deployment():
     return Fused
 
 
-def split_app(path: Path, batch: int):
+def placement(name: str) -> dict[str, Any]:
+    """serve/config.yaml's ray_actor_options of a deployment: the shipped node role and settings."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    (deployment,) = [d for d in config["applications"][0]["deployments"] if d["name"] == name]
+    return dict(deployment.get("ray_actor_options", {}))
+
+
+# The ingress does no compute: on one event loop (no hand-over to a user-code thread, handle calls routed on the
+# same loop) each request skips two thread hops there. Replicas that compute keep Serve's default.
+INLINE_INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def split_app(path: Path, batch: int, ingress_env: dict[str, str] | None = None):
+    """The shipped app with the config's placement (encoder_node / decoder_node); batch sizes vary per scenario."""
     from serve.app import build_app
 
     user_config = {"max_batch_size": batch, "batch_wait_timeout_s": 0.005}
-    model_opts = {"ray_actor_options": {"num_cpus": 1}, "user_config": user_config, "max_ongoing_requests": 256}
-    return build_app(
-        {
-            "model": str(path),
-            "torch_threads": 1,
-            "deployment_options": {"PlanEncoder": model_opts, "PlanDecoder": model_opts},
-        }
-    )
+    options = {
+        name: {"ray_actor_options": placement(name), "user_config": user_config, "max_ongoing_requests": 256}
+        for name in ("PlanEncoder", "PlanDecoder")
+    }
+    options["PlanEncoder"]["num_replicas"] = 1
+    options["Ingress"] = {"ray_actor_options": placement("Ingress")}
+    if ingress_env:
+        options["Ingress"]["ray_actor_options"]["runtime_env"] = {"env_vars": dict(ingress_env)}
+    return build_app({"model": str(path), "torch_threads": 1, "deployment_options": options})
+
+
+@contextmanager
+def topology(nodes: int):
+    """Ray on one node that plays both roles, or a head plus an encoder node and a decoder node (own raylets)."""
+    import ray
+
+    roles = {"encoder_node": 2, "decoder_node": 2}  # two apps side by side in the latency scenario
+    if nodes == 1:
+        ray.init(address="local", num_cpus=6, resources=roles, include_dashboard=False, log_to_driver=False)
+        try:
+            yield "1 node"
+        finally:
+            ray.shutdown()
+        return
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        for role in roles:
+            cluster.add_node(num_cpus=2, resources={role: 2})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield "2 nodes"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def wait_ready(url: str, timeout_s: float = 180.0) -> None:
@@ -254,23 +301,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="wall-clock cap per scenario")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
+    parser.add_argument(
+        "--nodes", type=int, nargs="+", choices=(1, 2), default=[1, 2], help="one node, two nodes, or both in turn"
+    )
     args = parser.parse_args(argv)
 
     os.environ.pop("RAY_ADDRESS", None)  # loopback only: never a remote cluster
     load_before = os.getloadavg()[0]
-    import ray
+    images = random_pngs(16)
+    path = seed_checkpoint(Path(tempfile.mkdtemp(prefix="serve-load-")))
+    header = "| scenario | requests | errors | req/s | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|"
+    print(header)
+    results: list[Result] = []
+    summary: list[str] = []
+    for nodes in args.nodes:
+        with topology(nodes) as where:
+            on, off, (split_lat, inline_lat, fused_lat) = scenarios(args, where, path, images, results)
+        speedup = on.throughput / off.throughput
+        added = split_lat.pct(50) - fused_lat.pct(50)
+        added_inline = inline_lat.pct(50) - fused_lat.pct(50)
+        summary.append(
+            f"- {where}: batching speed-up at {args.concurrency} clients **{speedup:.2f}x** (target >= 3x); "
+            f"split encoder -> decoder vs one deployment at p50: **{added:+.1f} ms** as shipped, "
+            f"**{added_inline:+.1f} ms** with the ingress on one loop (target <= 3 ms)"
+        )
+    load_after = os.getloadavg()[0]
+    table = "\n".join([header, *(r.row() for r in results)])
+    print("\n" + "\n".join(summary))
+    text = (
+        f"{SECTION}\n\n"
+        f"Command: `python -m benchmarks.serve_load` (requests {args.requests} per throughput scenario, "
+        f"{args.latency_requests} per route in the paired latency scenario, cap {args.max_seconds:g} s each)  \n"
+        f"Machine: {machine()}  \nDate: {DATE}  \n"
+        f"1-minute load average before/after: {load_before:.1f} / {load_after:.1f} (figures from a busy machine are "
+        "not comparable with a quiet one; rerun on an idle machine for the targets)\n\n"
+        f"Untrained seed-config model (D=256, K=16, 64x64), {MAX_NEW_TOKENS} new tokens per request (random weights "
+        f"never emit EOS, so every request decodes the full budget), plan fp16 ({16 * 256 * 2 + 18} bytes); one CPU "
+        "and one torch thread per model replica; client, proxy and replicas share the machine over loopback. "
+        '"2 nodes": the encoder and the decoder on their own raylets (encoder_node / decoder_node, as '
+        "serve/config.yaml places them), the plan crossing between the two object stores.\n\n"
+        f"{table}\n\n" + "\n".join(summary) + "\n"
+    )
+    if not args.no_write:
+        write_section(text)
+        print(f"\nwrote {SECTION!r} in {RESULTS}")
+    return 0
+
+
+def scenarios(
+    args: argparse.Namespace, where: str, path: Path, images: list[bytes], results: list[Result]
+) -> tuple[Result, Result, list[Result]]:
+    """Batching on/off at N clients and the paired split-vs-single latency, on the Ray this process is joined to."""
     from ray import serve
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    images = random_pngs(16)
-    results: list[Result] = []
-    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    path = seed_checkpoint(tmp)
 
     def run(name: str, concurrency: int, requests: int) -> Result:
         asyncio.run(load(url, images, name=name, requests=4, concurrency=min(4, concurrency), max_s=60))  # warm-up
@@ -281,56 +369,31 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         return result
 
+    c = args.concurrency
     try:
-        header = "| scenario | requests | errors | req/s | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|"
-        print(header)
-        c = args.concurrency
         serve.run(split_app(path, batch=32), name="bench", route_prefix="/")
         wait_ready(url)
-        on = run(f"split, batching on (32), {c} clients", c, args.requests)
+        on = run(f"{where}: split, batching on (32), {c} clients", c, args.requests)
         serve.run(split_app(path, batch=1), name="bench", route_prefix="/")  # user_config only: reconfigure()
         wait_ready(url)
-        off = run(f"split, batching off, {c} clients", c, args.requests)
+        off = run(f"{where}: split, batching off, {c} clients", c, args.requests)
         serve.run(fused_deployment().bind(str(path), 1), name="fused", route_prefix="/fused")
         wait_ready(f"{url}/fused")
+        serve.run(split_app(path, batch=1, ingress_env=INLINE_INGRESS_ENV), name="inline", route_prefix="/inline")
+        wait_ready(f"{url}/inline")
         routes = {
-            "split, batching off, 1 client": "/v1/caption",
-            "single deployment, batching off, 1 client": "/fused/v1/caption",
+            f"{where}: split, batching off, 1 client": "/v1/caption",
+            f"{where}: split, ingress on one loop, batching off, 1 client": "/inline/v1/caption",
+            f"{where}: single deployment, batching off, 1 client": "/fused/v1/caption",
         }
         paired_latency(url, images, routes, 4)  # warm-up
-        split_lat, fused_lat = paired_latency(url, images, routes, args.latency_requests)
-        for result in (split_lat, fused_lat):
+        latency = paired_latency(url, images, routes, args.latency_requests)
+        for result in latency:
             print(result.row(), flush=True)
             results.append(result)
     finally:
         serve.shutdown()
-        ray.shutdown()
-
-    load_after = os.getloadavg()[0]
-    speedup = on.throughput / off.throughput
-    added = split_lat.pct(50) - fused_lat.pct(50)
-    table = "\n".join([header, *(r.row() for r in results)])
-    summary = (
-        f"- batching speed-up at {c} clients: **{speedup:.2f}x** throughput (target >= 3x)\n"
-        f"- split encoder -> decoder vs one deployment: **{added:+.1f} ms** at p50 (target < 5 ms)"
-    )
-    print("\n" + summary)
-    text = (
-        f"{SECTION}\n\n"
-        f"Command: `python -m benchmarks.serve_load` (requests {args.requests} per throughput scenario, "
-        f"{args.latency_requests} per route in the paired latency scenario, cap {args.max_seconds:g} s each)  \n"
-        f"Machine: {machine()}  \nDate: {DATE}  \n"
-        f"1-minute load average before/after: {load_before:.1f} / {load_after:.1f} (figures from a busy machine are "
-        "not comparable with a quiet one; rerun on an idle machine for the targets)\n\n"
-        f"Untrained seed-config model (D=256, K=16, 64x64), {MAX_NEW_TOKENS} new tokens per request (random weights "
-        f"never emit EOS, so every request decodes the full budget), plan fp16 ({16 * 256 * 2 + 18} bytes); one CPU "
-        "and one torch thread per model replica; client, proxy and replicas share the machine over loopback.\n\n"
-        f"{table}\n\n{summary}\n"
-    )
-    if not args.no_write:
-        write_section(text)
-        print(f"\nwrote {SECTION!r} in {RESULTS}")
-    return 0
+    return on, off, latency
 
 
 if __name__ == "__main__":
