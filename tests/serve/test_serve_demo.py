@@ -63,6 +63,11 @@ def test_serve_demo_captions_the_held_out_image_over_http(serve_fixtures: ServeF
     assert lines["plan size"].startswith(f"{HEADER_SIZE + plan_nbytes(cfg.plan_len, cfg.embed_dim, 'fp16')} bytes")
     assert lines["model"].startswith("demo-captioner v1 (") and serve_fixtures.model.fingerprint in lines["model"]
     assert f"http://127.0.0.1:{port}/v1/caption" in proc.stdout  # the curl lines name the address it served on
+    # What a person sees by default: a short transcript; Ray's and Serve's own lines go to the printed log file.
+    assert len((proc.stdout + proc.stderr).splitlines()) < 40, proc.stdout + proc.stderr
+    assert "INFO" not in proc.stdout + proc.stderr
+    log_file = next((tmp_path / "logs").glob("serve-demo-*.log"))
+    assert f"log: {log_file}" in proc.stdout and "is ready at" in log_file.read_text()
 
 
 def test_serve_demo_without_a_training_run_says_what_to_do(tmp_path: Path) -> None:
