@@ -7,6 +7,7 @@ gets its own caption and "same caption as in-process" is a meaningful check, not
 from __future__ import annotations
 
 import io
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -206,3 +207,47 @@ def app_url(serve_url: str, serve_fixtures: ServeFixtures):
         yield serve_url
     finally:
         serve.delete(SHARED_APP)
+
+
+# ---------------------------------------------------------------------------
+# A real headless Chromium for the web page (Debian's chromium + chromedriver, installed by `make browser`)
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # browser screenshots (git-ignored)
+WAIT_S = 60  # the shared machine may be busy; a caption normally takes well under a second
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        message = "needs Debian's chromium and chromium-driver: run `make browser`"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs them through `make test`: missing there is a broken setup
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1200,1150")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def page_wait(driver, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(condition, message=f"page never showed {what}")
+
+
+def page_caption(driver) -> str | bool:
+    """The caption text once a request has finished (the element's class leaves 'busy')."""
+    element = driver.find_element("id", "caption")
+    return element.text if element.get_attribute("class") == "caption" else False

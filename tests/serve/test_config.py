@@ -131,6 +131,32 @@ def test_api_key_is_required_on_v1_routes(client: httpx.Client, serve_fixtures: 
     assert r.json()["caption"] == serve_fixtures.expected["blue"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_web_page_asks_for_the_api_key_then_captions(
+    browser, deployed, serve_fixtures: ServeFixtures, tmp_path: Path
+) -> None:
+    """The page under a route prefix, on an app with a key: the key field appears, a wrong key is refused."""
+    from tests.serve.conftest import ARTIFACTS, page_caption, page_wait
+
+    browser.get(deployed["url"] + "/")
+    page_wait(browser, lambda d: d.find_element("id", "keybox").is_displayed(), "the API key field")
+    key = browser.find_element("id", "api-key")
+    key.send_keys("wrong-key")
+    browser.find_element("id", "save-key").click()
+    page_wait(browser, lambda d: "refused" in d.find_element("id", "key-message").text, "the wrong key refused")
+    key.clear()
+    key.send_keys(API_KEY)
+    browser.find_element("id", "save-key").click()
+    page_wait(browser, lambda d: d.find_element("id", "model-badge").text == f"{MODEL_NAME} v1", "the model badge")
+    assert not browser.find_element("id", "keybox").is_displayed()
+    image = tmp_path / "red.png"
+    image.write_bytes(serve_fixtures.images["red"])
+    browser.find_element("id", "file-input").send_keys(str(image))
+    assert page_wait(browser, page_caption, "a caption") == serve_fixtures.expected["red"]
+    browser.save_screenshot(str(ARTIFACTS / "web_page_api_key.png"))
+
+
 def test_overload_is_shed_fast_with_json_503_and_retry_after(
     deployed, client: httpx.Client, serve_fixtures: ServeFixtures
 ) -> None:

@@ -8,56 +8,15 @@ the API's own message on the page. Screenshots are kept in tests/artifacts/ (git
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serve.page import SAMPLES, sample_png
-from tests.serve.conftest import ServeFixtures, in_process_captions
+from tests.serve.conftest import ARTIFACTS, ServeFixtures, in_process_captions, page_caption, page_wait
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-WAIT_S = 60  # the shared machine may be busy; a caption normally takes well under a second
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        message = "needs Debian's chromium and chromium-driver: run `make browser`"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI installs them through `make test`: missing there is a broken setup
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1200,1150")
-    options.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(WAIT_S)
-    ARTIFACTS.mkdir(exist_ok=True)
-    yield driver
-    driver.quit()
-
-
-def _wait(driver, condition, what: str):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(condition, message=f"page never showed {what}")
-
-
-def _caption_done(driver) -> str | bool:
-    """The caption text once a request has finished (the element's class leaves 'busy')."""
-    element = driver.find_element("id", "caption")
-    return element.text if element.get_attribute("class") == "caption" else False
 
 
 def _fmt_bytes(n: int) -> str:  # the page's fmtBytes
@@ -71,14 +30,14 @@ def test_upload_an_image_through_the_page_and_read_its_caption(
     browser.get(f"{app_url}/")
     version = str(info["version"])
     badge = f"{info['name']} " + (f"v{version}" if version.isdigit() else f"({version})")
-    _wait(browser, lambda d: d.find_element("id", "model-badge").text == badge, f"the model badge {badge!r}")
+    page_wait(browser, lambda d: d.find_element("id", "model-badge").text == badge, f"the model badge {badge!r}")
     facts = browser.find_element("id", "model-facts").text
     assert info["fingerprint"] in facts and f"{info['K']} × {info['D']}" in facts
 
     image = tmp_path / "blue-square.png"
     image.write_bytes(serve_fixtures.images["blue"])
     browser.find_element("id", "file-input").send_keys(str(image))  # what the file chooser does
-    caption = _wait(browser, _caption_done, "a caption")
+    caption = page_wait(browser, page_caption, "a caption")
     assert caption == serve_fixtures.expected["blue"]
     assert browser.find_element("id", "error").is_displayed() is False
 
@@ -96,12 +55,12 @@ def test_a_sample_image_captions_like_the_model_in_process(
     browser, app_url: str, serve_fixtures: ServeFixtures
 ) -> None:
     browser.get(f"{app_url}/")
-    buttons = _wait(browser, lambda d: d.find_elements("css selector", "button.sample"), "the samples")
+    buttons = page_wait(browser, lambda d: d.find_elements("css selector", "button.sample"), "the samples")
     assert [b.get_attribute("data-sample") for b in buttons] == [f"{c}-{s}" for c, s in SAMPLES]
     name = "green-triangle"
     expected = in_process_captions(serve_fixtures.model.path, {name: sample_png(name)})[name]
     browser.find_element("css selector", f'button.sample[data-sample="{name}"]').click()
-    caption = _wait(browser, _caption_done, "the sample's caption")
+    caption = page_wait(browser, page_caption, "the sample's caption")
     assert caption == expected
     assert browser.find_element("id", "image-name").text == "green triangle (sample)"
     browser.save_screenshot(str(ARTIFACTS / "web_page_sample.png"))
@@ -112,7 +71,7 @@ def test_a_file_that_is_not_an_image_shows_the_apis_message(browser, app_url: st
     notes = tmp_path / "notes.png"  # a PNG name, text inside: the server, not the browser, must refuse it
     notes.write_text("these are not pixels")
     browser.find_element("id", "file-input").send_keys(str(notes))
-    error = _wait(browser, lambda d: d.find_element("id", "error").is_displayed(), "an error")
+    error = page_wait(browser, lambda d: d.find_element("id", "error").is_displayed(), "an error")
     assert error
     direct = httpx.post(f"{app_url}/v1/caption", content=notes.read_bytes(), headers={"Content-Type": "image/png"})
     assert direct.status_code in (400, 415)
