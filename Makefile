@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test browser lint format bench clean
+.PHONY: venv demo test test-fast browser lint format bench clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: venv
 
 test: venv lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everyday tier: no Ray, no slow training (under 2 minutes); `make test` (what CI runs) runs everything.
+test-fast: venv
+	$(PY) -m pytest -m "not ray and not slow" $(PYTEST_ARGS)
 
 # The web page's test drives a real headless Chromium: Debian's chromium and its matching chromedriver,
 # installed once (CI runs as root on a fresh machine), skipped when already there.

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from jobs.optim import optimizer_step
+from jobs.optim import build_optimizer, optimizer_step
 from model.config import Config, load_config
 from model.model import build_model, query_token_ids, trainable_parameters
 from model.objectives import Objective
@@ -67,7 +67,7 @@ def measure(cfg: Config, device: torch.device, *, steps: int, warmup: int, batch
     model = build_model(cfg.model)
     objective = Objective(model, cfg.objective).to(device)
     step_fn = torch.compile(objective) if compile_ else objective
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(objective, cfg.train)
     images, ids, mask = make_batch(cfg, batch, device)
     categories = None
     if objective.needs_categories:  # e.g. the shapes preset: one random class per image, multi-hot

@@ -6,7 +6,8 @@
 
 Ray Data path (training, inside Ray Train):
 
-    build_train_dataset(root, cfg)      streaming read -> per-epoch shuffle -> map_batches on CPU:
+    build_train_dataset(root, cfg)      read -> per-epoch shuffle -> map_batches on CPU (data.ingest=materialize:
+                                        the decoded pixels are materialised once and only this map reruns):
                                         one random caption per image per epoch, decode, resize, normalise,
                                         tokenise -> {"images" (3, S, S) float32, "caption_ids" (T,) int64,
                                         "caption_mask" (T,) bool, "image_id" int64}, T = model.max_seq_length,
@@ -24,6 +25,8 @@ copies. Both modes also permute the rows inside each map batch, which is free. `
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,29 +165,75 @@ def dataset_sizes(data_dir: str | Path, cfg: Config) -> tuple[int, int]:
     return n_train, n_val
 
 
+@dataclass(frozen=True)
+class DataPlan:
+    """What the training driver learns from a prepared folder, reading it once (see `plan_training`)."""
+
+    train_dir: Path
+    val_dir: Path | None
+    fraction: float  # held-out share of train in force (0 with a separate val split)
+    rows: RowPlan  # the training rows
+    n_val: int  # validation images
+
+    @property
+    def n_train(self) -> int:
+        return self.rows.rows
+
+
+def plan_training(data_dir: str | Path, cfg: Config) -> DataPlan:
+    """Check the folder, its manifests, the splits and the categories, and plan the training rows: one read of
+    each manifest and of each shard's image ids (DataError naming the problem otherwise)."""
+    train, val, fraction = _holdout(Path(data_dir).resolve(), cfg)
+    _check_split_categories(train, cfg)
+    rows = plan_rows(train, fraction, keep_heldout=False, cap=cfg.data.num_samples)
+    n_val = 0 if val is None else plan_rows(val, fraction, keep_heldout=True).rows
+    return DataPlan(train, val, fraction, rows, n_val)
+
+
 # ---------------------------------------------------------------------------
 # Ray Data: training and validation datasets
 
 
-def build_train_dataset(data_dir: str | Path, cfg: Config) -> ray.data.Dataset:
-    """Streaming training dataset; every execution (epoch) reshuffles and redraws one caption per image."""
-    import ray.data
+def build_train_dataset(
+    data_dir: str | Path, cfg: Config, *, clock: Any = None, plan: DataPlan | None = None
+) -> ray.data.Dataset:
+    """Training dataset; every epoch reorders the shards, permutes rows and redraws one caption per image.
 
-    train, _val, fraction = _holdout(data_dir, cfg)
-    plan = plan_rows(train, fraction, keep_heldout=False, cap=cfg.data.num_samples)
-    if plan.rows == 0:
+    All of it is seeded by (train.seed, epoch), the epoch read from `clock` (an `EpochClock` actor that the
+    training loop sets; a new one at epoch 1 when None), and rows arrive in a deterministic order
+    (`preserve_order`), so the same config and seed give the same batches, after a resume too.
+    `plan`: the driver's `plan_training` result, so the shards' ids are not read again.
+
+    `data.ingest` (see `choose_ingest`): "stream" reads and decodes the shards in every epoch;
+    "materialize" decodes them once into the object store and each epoch only reshuffles, draws
+    captions and tokenises; "auto" materialises when the decoded rows fit.
+    """
+    plan = plan or plan_training(data_dir, cfg)
+    if plan.rows.rows == 0:
         raise DataError(
-            f"no training rows in {train} (held-out fraction {fraction}, num_samples {cfg.data.num_samples})"
+            f"no training rows in {plan.train_dir} (held-out fraction {plan.fraction}, "
+            f"num_samples {cfg.data.num_samples})"
         )
-    seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
-    shuffle_files = ray.data.FileShuffleConfig(seed=cfg.train.seed) if cfg.data.shuffle == "file" else None
+    clock = clock if clock is not None else epoch_clock()
+    draw = _Draw(seed=cfg.train.seed, clock=clock)
+    file_shuffle, block_seed = _epoch_seeded()
+    seed = block_seed(seed=cfg.train.seed, reseed_after_execution=True, clock=clock)
+    shuffle_files = file_shuffle(seed=cfg.train.seed, clock=clock) if cfg.data.shuffle == "file" else None
     columns = ["category_ids"] if cfg.objective.category_weight > 0 else []
-    ds = _read_shards(plan.files, shuffle_files, cfg.data.num_cpus_per_map, columns)
+    ds = _read_shards(plan.rows.files, shuffle_files, cfg.data.num_cpus_per_map, columns)
+    ds.context.execution_options.preserve_order = True  # this dataset's context copy: a deterministic row order
+    if choose_ingest(cfg, plan.rows.rows) == "materialize":
+        return _materialized_train_dataset(ds, plan.rows, cfg, seed, draw)
     if cfg.data.shuffle == "block":
         ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         _train_batch,
-        fn_kwargs={"plan": plan, "cfg": _MapConfig.from_config(cfg), "permute": cfg.data.shuffle != "none"},
+        fn_kwargs={
+            "plan": plan.rows,
+            "cfg": _MapConfig.from_config(cfg),
+            "permute": cfg.data.shuffle != "none",
+            "draw": draw,
+        },
         batch_size=MAP_BATCH_ROWS,
         batch_format="numpy",
         num_cpus=cfg.data.num_cpus_per_map,
@@ -217,6 +266,78 @@ def build_eval_dataset(data_dir: str | Path, cfg: Config, *, limit: int = 0) -> 
     )
 
 
+# ---------------------------------------------------------------------------
+# Materialised ingest (data.ingest): decode once, reshuffle and redraw captions every epoch
+
+OBJECT_STORE_SHARE = 0.5  # "auto" materialises when the decoded rows take at most this share of the free store
+CAPTION_BYTES_PER_ROW = 1024  # the captions list and ids of a row (COCO: 5 captions of ~55 characters)
+
+
+def decoded_nbytes(cfg: Config, rows: int) -> int:
+    """Object-store bytes of the decoded training rows: uint8 pixels (S, S, 3) plus captions, per row."""
+    return rows * (cfg.model.image_size**2 * 3 + CAPTION_BYTES_PER_ROW)
+
+
+def choose_ingest(cfg: Config, rows: int, free_bytes: float | None = None) -> str:
+    """ "materialize" or "stream" for `data.ingest`; "auto" compares the decoded size with the free object store.
+
+    A streaming dataset re-executes read + decode every epoch (~0.5 s before the first batch at the seed
+    config, and the decode cost again); a materialised one keeps the decoded uint8 pixels in the object
+    store, as Ray's guide recommends for data that fits, so an epoch only shuffles and tokenises.
+    """
+    if cfg.data.ingest != "auto":
+        return cfg.data.ingest
+    if free_bytes is None:
+        import ray
+
+        # Without a running Ray there is no store to measure (and no cluster to join on purpose here).
+        free_bytes = ray.available_resources().get("object_store_memory", 0.0) if ray.is_initialized() else 0.0
+    return "materialize" if decoded_nbytes(cfg, rows) <= OBJECT_STORE_SHARE * free_bytes else "stream"
+
+
+def _materialized_train_dataset(
+    ds: ray.data.Dataset, plan: RowPlan, cfg: Config, seed: Any, draw: _Draw
+) -> ray.data.Dataset:
+    """Decode the selected rows once (blocking, into the object store); per epoch: block order, rows, captions."""
+    map_cfg = _MapConfig.from_config(cfg)
+    decoded = ds.map_batches(
+        _decode_rows,
+        fn_kwargs={"plan": plan, "cfg": map_cfg},
+        batch_size=MAP_BATCH_ROWS,
+        batch_format="numpy",
+        num_cpus=cfg.data.num_cpus_per_map,
+        zero_copy_batch=True,
+    ).materialize()
+    if cfg.data.shuffle != "none":
+        # On materialised blocks this only permutes references: the per-epoch counterpart of the file shuffle.
+        decoded = decoded.randomize_block_order(seed=seed)
+    # The streaming path's own map: it finds "pixels" instead of "image" and skips the decode.
+    return decoded.map_batches(
+        _train_batch,
+        fn_kwargs={"plan": plan, "cfg": map_cfg, "permute": cfg.data.shuffle != "none", "draw": draw},
+        batch_size=MAP_BATCH_ROWS,
+        batch_format="numpy",
+        num_cpus=cfg.data.num_cpus_per_map,
+        zero_copy_batch=True,
+    )
+
+
+def _decode_rows(batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: _MapConfig) -> dict[str, Any]:
+    """Once: the rows this dataset keeps, images decoded to uint8 (B, S, S, 3), captions left as lists."""
+    rows = _select(batch, plan)
+    out = {
+        "image_id": batch["image_id"][rows].astype(np.int64),
+        "pixels": decode_pixels([batch["image"][i] for i in rows], cfg.image_size),
+        "captions": [list(batch["captions"][i]) for i in rows],
+    }
+    if cfg.num_categories:
+        out["category_ids"] = [list(batch["category_ids"][i]) for i in rows]
+    return out
+
+
+# ---------------------------------------------------------------------------
+
+
 def _read_shards(files: list[str], shuffle: Any, num_cpus: float, extra: list[str] | None = None) -> ray.data.Dataset:
     """One block per shard, only the columns training needs.
 
@@ -241,6 +362,72 @@ def _read_shards(files: list[str], shuffle: Any, num_cpus: float, extra: list[st
 def torch_batches(shard: Any, batch_size: int, cfg: Config, *, device: Any = "auto"):
     """Worker side: `torch_batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg)` -> dicts of tensors."""
     return shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=cfg.data.prefetch_batches, device=device)
+
+
+class EpochClock:
+    """The epoch the training loop is in, for the Ray Data code that orders shards and draws captions.
+
+    Rank 0 sets it before it starts iterating an epoch. Ray Data starts an epoch of a split dataset only when
+    every worker has asked for it, so each read plan and map task of that epoch reads the new value. A resumed
+    run sets the epoch it resumes at, and so sees the data the uninterrupted run saw.
+    """
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def epoch_clock(epoch: int = 1) -> Any:
+    """A new `EpochClock` actor (no CPU reserved); `ray.kill` it when the run is over."""
+    import ray
+
+    return ray.remote(num_cpus=0)(EpochClock).remote(epoch)
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """Seed of the per-epoch random choices made in map tasks, and the clock that says which epoch it is."""
+
+    seed: int
+    clock: Any  # EpochClock actor handle, or the epoch itself (an int) outside Ray (benchmarks.run0)
+
+    def epoch(self) -> int:
+        if isinstance(self.clock, int):
+            return self.clock
+        import ray
+
+        return int(ray.get(self.clock.get.remote()))
+
+
+@functools.cache
+def _epoch_seeded() -> tuple[type, type]:
+    """(file shuffle, block shuffle) configs seeded by (train.seed, the clock's epoch) instead of Ray's
+    per-execution counter, which restarts at 0 when a worker group restarts or a run resumes. Defined on
+    first use, so that importing this module does not import ray.data."""
+    import ray.data
+
+    @dataclass
+    class EpochFileShuffle(ray.data.FileShuffleConfig):
+        clock: Any = None
+
+        def get_seed(self, execution_idx: int = 0) -> int | None:
+            epoch = _Draw(self.seed, self.clock).epoch()
+            return int(np.random.SeedSequence([self.seed % 2**63, epoch]).generate_state(1)[0])
+
+    @dataclass
+    class EpochBlockSeed(ray.data.RandomSeedConfig):
+        clock: Any = None
+
+        def get_seed_tuple(self, *, data_context: Any) -> Any:
+            seed = super().get_seed_tuple(data_context=data_context)  # (seed, Ray's execution index)
+            return dataclasses.replace(seed, execution_idx=_Draw(self.seed, self.clock).epoch())
+
+    return EpochFileShuffle, EpochBlockSeed
 
 
 @dataclass(frozen=True)
@@ -268,19 +455,26 @@ def _select(batch: dict[str, np.ndarray], plan: RowPlan) -> np.ndarray:
 
 
 def _train_batch(
-    batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: _MapConfig, permute: bool
+    batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: _MapConfig, permute: bool, draw: _Draw
 ) -> dict[str, np.ndarray]:
-    """Runs in a Ray Data task: pick rows, draw a caption each, decode images, tokenise."""
+    """Runs in a Ray Data task: pick rows, draw a caption each, decode images (or take the materialised
+    path's decoded "pixels"), tokenise."""
     rows = _select(batch, plan)
-    # A fresh OS-seeded generator per call: the caption draw and row order differ every epoch.
-    rng = np.random.default_rng()
+    # Seeded by (train.seed, epoch, first image id of the batch): the caption draw and row order change
+    # every epoch and are the same in every run of this config, whichever task runs the batch.
+    first_id = int(batch["image_id"][0]) if len(batch["image_id"]) else 0
+    rng = np.random.default_rng([draw.seed % 2**63, draw.epoch(), first_id])
     if permute:
         rows = rng.permutation(rows)
     captions = [batch["captions"][i] for i in rows]
     drawn = [str(caps[rng.integers(len(caps))]) for caps in captions]
     ids, mask = encode_captions(drawn, cfg.max_seq_length, cfg.max_caption_chars)  # (B, T) each
     out = {
-        "images": decode_images([batch["image"][i] for i in rows], cfg.image_size),  # (B, 3, S, S)
+        "images": (
+            normalize_uint8(batch["pixels"][rows])
+            if "pixels" in batch
+            else decode_images([batch["image"][i] for i in rows], cfg.image_size)
+        ),  # (B, 3, S, S)
         "caption_ids": ids,
         "caption_mask": mask,
         "image_id": batch["image_id"][rows].astype(np.int64),
@@ -288,6 +482,21 @@ def _train_batch(
     if cfg.num_categories:
         out["categories"] = multi_hot_categories([batch["category_ids"][i] for i in rows], cfg.num_categories)
     return out
+
+
+def transform_train_batch(batch: dict[str, Any], cfg: Config, epoch: int) -> dict[str, np.ndarray]:
+    """The training map transform outside Ray (benchmarks.run0): prepared rows {"image_id", "image" (stored
+    bytes), "captions", "category_ids"} -> what a worker's batch holds, with epoch `epoch`'s row order and draws."""
+    ids = np.asarray(batch["image_id"], dtype=np.int64)
+    plan = RowPlan([], 0.0, False, int(ids.max()) if len(ids) else -1, len(ids))
+    permute = cfg.data.shuffle != "none"
+    return _train_batch(
+        {**batch, "image_id": ids},
+        plan=plan,
+        cfg=_MapConfig.from_config(cfg),
+        permute=permute,
+        draw=_Draw(cfg.train.seed, epoch),
+    )
 
 
 def multi_hot_categories(category_ids: list[Any], num_categories: int) -> np.ndarray:
@@ -306,7 +515,12 @@ def check_categories(data_dir: str | Path, cfg: Config) -> None:
     """With objective.category_weight > 0: the training split has instance categories that fit the head."""
     if cfg.objective.category_weight <= 0:
         return
-    train, _val, _fraction = _holdout(data_dir, cfg)
+    _check_split_categories(_holdout(data_dir, cfg)[0], cfg)
+
+
+def _check_split_categories(train: Path, cfg: Config) -> None:
+    if cfg.objective.category_weight <= 0:
+        return
     ids = [int(c["id"]) for c in read_manifest(train).get("categories") or []]
     if not ids:
         raise DataError(
@@ -351,10 +565,14 @@ def encode_captions(texts: list[str], max_len: int, max_chars: int) -> tuple[np.
 
 def decode_images(blobs: list[bytes], size: int) -> np.ndarray:
     """Stored image bytes -> (B, 3, S, S) float32, ImageNet-normalised (the model transform, batched)."""
+    return normalize_uint8(decode_pixels(blobs, size))  # (B, H, W, 3) uint8 -> (B, 3, S, S)
+
+
+def decode_pixels(blobs: list[bytes], size: int) -> np.ndarray:
+    """Stored image bytes -> (B, S, S, 3) uint8, resized and centre-cropped: 4x smaller than normalised floats."""
     if not blobs:
-        return np.zeros((0, 3, size, size), dtype=np.float32)
-    pixels = np.stack([np.asarray(resize_center_crop(open_image(b, draft_size=size), size)) for b in blobs])
-    return normalize_uint8(pixels)  # (B, H, W, 3) uint8 -> (B, 3, S, S)
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    return np.stack([np.asarray(resize_center_crop(open_image(b, draft_size=size), size)) for b in blobs])
 
 
 # ---------------------------------------------------------------------------

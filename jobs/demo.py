@@ -76,11 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs:
         overrides.append(f"--train.epochs={args.epochs}")
     cfg = load_config("shapes", overrides)
-    check_cluster(cfg)
+    check_cluster(cfg)  # Ray was started above: run_training checks the data once and trains
     _step(f"training the shapes preset: {cfg.train.epochs} epochs on {cfg.train.num_workers} CPU workers (Ray Train)")
     with console.training_progress(cfg.train.epochs) as callbacks:
         run_name = f"shapes-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = run_training(cfg, str(data), run_name=run_name, callbacks=callbacks)
+        result = run_training(cfg, str(data), run_name=run_name, callbacks=callbacks, ray_ready=True)
     if result.model_uri is None:
         print("demo: training finished but no model was registered", file=sys.stderr)
         return 1

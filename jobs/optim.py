@@ -1,7 +1,12 @@
-"""The optimisation recipe's pieces that do not need Ray: the LR schedule and one optimiser step.
+"""The optimisation recipe's pieces that do not need Ray: the optimiser, the LR schedule, one optimiser step.
 
 `jobs.train_loop` runs them inside Ray Train workers; `benchmarks.run0` and `benchmarks.train` run the same
-step in one process, so a recipe measured there is the recipe the workers run.
+pieces in one process, so a recipe measured there is the recipe the workers run.
+
+Weight decay, as nanoGPT and open_clip decide it: only the weight matrices of Linear and Conv layers decay
+(`train.weight_decay`); biases, LayerNorm gains, token embeddings, learned positions (`pos_embed`), the plan
+queries, gates and the like do not (decaying them pulls offsets, scales and lookup rows towards zero for no
+regularising benefit). The log applied AdamW's weight decay to every parameter.
 """
 
 from __future__ import annotations
@@ -10,8 +15,31 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from model.config import TrainConfig
 from model.objectives import Objective
+
+DECAYED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their "weight" decays; nothing else does
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups over the trainable parameters: [decayed weight matrices, everything else at 0]."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for layer in module.modules():
+        for name, param in layer.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # frozen parts and the EMA target are not optimised
+                continue
+            seen.add(id(param))
+            (decay if isinstance(layer, DECAYED_LAYERS) and name == "weight" else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The recipe's AdamW over `module`'s trainable parameters: train.lr, train.weight_decay on weight matrices."""
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -24,6 +52,14 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step warmup (train.warmup_epochs, the log's rule by default) then cosine to 0 after train.epochs."""
+    warmup = cfg.resolved_warmup_epochs() * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, cfg.epochs * steps_per_epoch))
 
 
 def optimizer_step(

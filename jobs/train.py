@@ -75,8 +75,7 @@ class Preflight:
 
     cfg: Config  # model.vision_weights made absolute (workers run in other folders)
     data_dir: str  # absolute
-    n_train: int  # training rows per epoch
-    n_val: int  # validation images
+    data: dataset.DataPlan  # splits, training rows (shard files, hold-out rule, cap), validation size
     steps_per_epoch: int  # optimiser steps each worker takes per epoch (the LR horizon's unit)
     vision_fingerprint: str | None  # of the vision tensors in model.vision_weights
 
@@ -94,15 +93,14 @@ def preflight(cfg: Config, data_dir: str) -> Preflight:
             f"use a multiple of {t.num_workers}"
         )
     cfg, vision_fingerprint = check_vision_weights(cfg)
-    n_train, n_val = check_data(cfg, data_dir)
-    if n_train < t.num_workers:
-        raise dataset.DataError(f"{data_dir}: {n_train} training rows cannot feed {t.num_workers} workers")
+    plan = _plan_data(cfg, data_dir)
+    if plan.n_train < t.num_workers:
+        raise dataset.DataError(f"{data_dir}: {plan.n_train} training rows cannot feed {t.num_workers} workers")
     return Preflight(
         cfg=cfg,
         data_dir=str(Path(data_dir).resolve()),
-        n_train=n_train,
-        n_val=n_val,
-        steps_per_epoch=steps_per_epoch(n_train, t.batch_size, t.num_workers),
+        data=plan,
+        steps_per_epoch=steps_per_epoch(plan.n_train, t.batch_size, t.num_workers),
         vision_fingerprint=vision_fingerprint,
     )
 
@@ -110,12 +108,15 @@ def preflight(cfg: Config, data_dir: str) -> Preflight:
 def check_data(cfg: Config, data_dir: str) -> tuple[int, int]:
     """(training rows, validation images) after checking the prepared folder, its manifests and the
     configured splits (DataError otherwise)."""
-    dataset.resolve_splits(data_dir, cfg)
-    dataset.check_categories(data_dir, cfg)
-    n_train, n_val = dataset.dataset_sizes(data_dir, cfg)
-    if n_train == 0:
+    plan = _plan_data(cfg, data_dir)
+    return plan.n_train, plan.n_val
+
+
+def _plan_data(cfg: Config, data_dir: str) -> dataset.DataPlan:
+    plan = dataset.plan_training(data_dir, cfg)
+    if plan.n_train == 0:
         raise dataset.DataError(f"{data_dir}: the training split has no rows for this config")
-    return n_train, n_val
+    return plan
 
 
 def check_vision_weights(cfg: Config) -> tuple[Config, str | None]:
@@ -251,9 +252,11 @@ def make_trainer(
         )
         if checked.vision_fingerprint:
             _log_vision_fingerprint(tracking_uri, run_id, checked.vision_fingerprint)
-    train_ds = dataset.build_train_dataset(checked.data_dir, cfg)
-    n_val = checked.n_val
+    clock = dataset.epoch_clock()  # which epoch the data pipeline draws for; rank 0 moves it
+    train_ds = dataset.build_train_dataset(checked.data_dir, cfg, clock=clock, plan=checked.data)
+    n_val = checked.data.n_val
     loop_config = {
+        "epoch_clock": clock,
         "cfg": cfg.to_dict(),
         "data_dir": checked.data_dir,
         "steps_per_epoch": checked.steps_per_epoch,
@@ -275,6 +278,9 @@ def make_trainer(
         callbacks=list(callbacks or []),
         worker_runtime_env={"env_vars": env} if env else None,
     )
+    # Ray Train replaces the dataset's execution options with these: keep the rows in a deterministic order.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -285,7 +291,7 @@ def make_trainer(
         ),
         run_config=run_config,
         datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
     )
 
 
@@ -370,6 +376,7 @@ def run_training(
         raise
     finally:
         _restore_sigint(previous_sigint)
+        ray.kill(trainer.train_loop_config["epoch_clock"])
     return finish_training(cfg, trainer, result, register=register)
 
 
@@ -419,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(f"train: preset {cfg.preset} on {where}; {cfg.train.num_workers} worker(s), gpu={cfg.train.use_gpu}")
+    if not args.verbose and console.ray_logs():
+        print(f"train: worker logs in {console.ray_logs()}")
     with console.training_progress(checked.cfg.train.epochs) as callbacks:
         result = run_training(
             checked.cfg,

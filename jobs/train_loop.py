@@ -2,7 +2,8 @@
 
     train_loop_per_worker(config)   config = {"cfg": Config.to_dict(), "data_dir": ..., "steps_per_epoch": ...,
                                               "tracking_uri": ..., "mlflow_run_id": ...,
-                                              "vision_weights_fingerprint": ... or None}
+                                              "vision_weights_fingerprint": ... or None,
+                                              "epoch_clock": jobs.dataset.EpochClock actor}
 
 Per worker: build the model, load `model.vision_weights` into its vision encoder (the driver checked the
 file and sent its fingerprint; a file that changed since is an error), wrap the `Objective` (model + EMA
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from jobs import dataset
 from jobs.caption_metrics import exact_match, unique_captions
-from jobs.optim import optimizer_step, warmup_cosine
+from jobs.optim import build_optimizer, build_schedule, optimizer_step
 from model.backbones import load_backbone_weights
 from model.checkpoint import CHECKPOINT_FILE, init_vision_from_checkpoint, load_model, model_fingerprint, save_model
 from model.config import Config
@@ -70,11 +71,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"(fingerprint {config.get('vision_weights_fingerprint')} then, {vision_fingerprint} now)"
         )
     objective = Objective(model, cfg.objective).to(device)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = int(config["steps_per_epoch"])
-    schedule = warmup_cosine(cfg.train.resolved_warmup_epochs() * steps_per_epoch, cfg.train.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer = build_optimizer(objective, cfg.train)
+    scheduler = build_schedule(optimizer, cfg.train, int(config["steps_per_epoch"]))
 
     # Restore before DDP wraps the module: every rank loads the same checkpoint.
     start_epoch = 1
@@ -97,6 +95,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = _epoch_logger(config) if rank == 0 else None
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
+        if rank == 0 and config.get("epoch_clock") is not None:
+            # Before this epoch's data starts: shard order and caption draws are seeded by (train.seed, epoch).
+            ray.get(config["epoch_clock"].set.remote(epoch))
         started = time.perf_counter()
         stats = train_epoch(
             train_module, objective, optimizer, scheduler, shard, per_worker_batch, device, autocast, cfg, epoch
@@ -112,6 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "steps": int(stats.pop("steps")),  # per worker; the LR horizon assumes steps_per_epoch
             **{f"train_{k}": v for k, v in stats.items()},
         }
+        rng_states = _gather_rng_states()  # every rank's, so a resumed run continues each rank's streams
         if rank != 0:
             ray.train.report(metrics)
             continue
@@ -121,7 +123,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["mlflow_run_id"] = config["mlflow_run_id"]  # a string: sweeps read it from the result
         with tempfile.TemporaryDirectory(prefix="vljepa-ckpt-") as folder:
             write_checkpoint(
-                Path(folder), objective, optimizer, scheduler, cfg, epoch, vision_fingerprint, metrics.get("val_ce")
+                Path(folder),
+                objective,
+                optimizer,
+                scheduler,
+                cfg,
+                epoch,
+                vision_fingerprint,
+                metrics.get("val_ce"),
+                rng_states=rng_states,
             )
             if logger is not None:
                 logger.log_metrics(metrics, step=epoch)
@@ -234,6 +244,8 @@ def write_checkpoint(
     epoch: int,
     vision_fingerprint: str | None = None,
     val_ce: float | None = None,
+    *,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
     # epoch and val_ce in the checkpoint itself: jobs.checkpoints picks a run folder's best by them.
     extra = {"epoch": str(epoch)} | ({"val_ce": repr(float(val_ce))} if val_ce is not None else {})
@@ -245,7 +257,8 @@ def write_checkpoint(
         "epoch": epoch,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": _rng_state(),  # rank 0's
+        "rng_ranks": rng_states or [_rng_state()],  # one per rank, in rank order
         # Whatever the objective holds beyond the model (the EMA target encoder).
         "objective_extra": {k: v.detach().cpu() for k, v in objective.state_dict().items() if k not in model_keys},
     }
@@ -268,7 +281,11 @@ def restore(
     scheduler.load_state_dict(state["scheduler"])
     if state["objective_extra"]:
         objective.load_state_dict(state["objective_extra"], strict=False)
-    _set_rng_state(state["rng"], rank)
+    ranks = state.get("rng_ranks") or []
+    if rank < len(ranks):
+        _set_rng_state(ranks[rank], 0)
+    else:  # more ranks than the run that wrote it (or an older checkpoint): offset rank 0's streams
+        _set_rng_state(state["rng"], rank)
     print(f"[rank {rank}] restored epoch {state['epoch']} from {folder}", flush=True)
     return int(state["epoch"])
 
@@ -293,8 +310,17 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (a collective: all ranks call it)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [_rng_state()]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, _rng_state())
+    return out
+
+
 def _set_rng_state(state: dict[str, Any], rank: int) -> None:
-    # RNG states are rank 0's; offset the other ranks so workers do not draw the same numbers.
+    # rank > 0: the state is another rank's; offset it so workers do not draw the same numbers.
     torch.set_rng_state(state["torch"].cpu())
     if rank:
         torch.manual_seed(int(torch.randint(0, 2**31, (1,))) + rank)

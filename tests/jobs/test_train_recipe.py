@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from jobs import train
-from jobs.optim import steps_per_epoch
+from jobs.optim import build_optimizer, steps_per_epoch
 from jobs.train_loop import MODEL_FILE, VISION_FINGERPRINT_KEY
 from model.checkpoint import load_model, model_fingerprint, read_metadata, save_model
 from model.config import load_config
@@ -109,6 +109,11 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path):
             "vision encoder does not fit this model (embed_dim: checkpoint 16 vs model 32",
         ),
     ]
+    _assert_fail_before_ray(cases, tmp_path)
+
+
+def _assert_fail_before_ray(cases: list[tuple[list[str], str]], tmp_path: Path) -> None:
+    """Run `jobs.train.main` on each case in one fresh process whose ray.init raises: each exits 2 with its message."""
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray-tmp")}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -126,6 +131,17 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path):
     for (args, expected), message in zip(cases, messages, strict=True):
         assert expected in message, (args, message)
     assert not (tmp_path / "ray-tmp").exists()  # no Ray session folder either
+
+
+@pytest.mark.ray  # for the session's prepared data only: the checked process itself never starts Ray
+def test_bad_inputs_on_real_data_fail_before_ray_starts(prepared_shapes, tmp_path):
+    data = ["--data", str(prepared_shapes)]
+    cases = [
+        (["--preset", "shapes", *data, "--objective.num_categories=5"], "num_categories=5 must be at least 19"),
+        (["--preset", "debug", *data, "--data.num_samples=1", "--train.num_workers=2"], "cannot feed 2 workers"),
+        (["--preset", "debug", *data, "--data.train_split=train2017"], "no split 'train2017'"),
+    ]
+    _assert_fail_before_ray(cases, tmp_path)
 
 
 # ---------------------------------------------------------------------------
@@ -170,3 +186,61 @@ def test_frozen_vision_weights_are_loaded_and_stay_bit_identical(ray_local, prep
     history = sorted(result.history, key=lambda m: m["epoch"])
     assert [m["steps"] for m in history] == [6, 6]
     assert history[0]["lr"] > 0 and history[-1]["lr"] == 0.0
+
+
+def test_weight_decay_only_on_weight_matrices():
+    cfg = load_config("debug", ["--objective.jepa_weight=1", "--objective.category_weight=1"])
+    objective = Objective(build_model(cfg.model), cfg.objective)
+    optimizer = build_optimizer(objective, cfg.train)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == cfg.train.weight_decay and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "model.encoder.vision.blocks.0.attn.qkv.weight" in decayed and "model.decoder.head.weight" in decayed
+    assert "model.encoder.vision.patch_embed.weight" in decayed and "category_head.weight" in decayed
+    for name in (
+        "model.encoder.vision.pos_embed",
+        "model.encoder.predictor.queries",
+        "model.decoder.tok_embed.weight",
+        "model.encoder.vision.blocks.0.norm1.weight",
+        "model.encoder.vision.blocks.0.attn.qkv.bias",
+    ):
+        assert name in kept
+    assert all(n.endswith(".weight") and "norm" not in n and "tok_embed" not in n for n in decayed)
+    # Every trainable parameter exactly once; the EMA target is not optimised.
+    trainable = {n for n, p in objective.named_parameters() if p.requires_grad}
+    assert decayed | kept == trainable and not decayed & kept and not any("ema_encoder" in n for n in trainable)
+
+
+def test_one_home_for_the_optimiser_and_schedule():
+    """The train loop and benchmarks.train build AdamW and the schedule only through jobs.optim."""
+    for path in ("jobs/train_loop.py", "benchmarks/train.py"):
+        source = (ROOT / path).read_text()
+        assert "AdamW(" not in source and "LambdaLR(" not in source, path
+        assert "build_optimizer(" in source, path
+
+
+@pytest.mark.ray
+def test_the_driver_reads_each_shards_ids_once(ray_local, prepared_shapes, monkeypatch):
+    """preflight plans the rows; the trainer's dataset reuses the plan instead of reading the shards again."""
+    from jobs import dataset
+
+    reads: list[str] = []
+    real = dataset.pq.read_table
+
+    def counting(path, *args, **kwargs):
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset.pq, "read_table", counting)
+    cfg = load_config("debug", ["--data.val_split=missing", "--data.val_fraction=0.2"])
+    checked = train.preflight(cfg, str(prepared_shapes))
+    shards = dataset.shard_paths(prepared_shapes / "train")
+    # train rows and held-out validation rows come from the same shards: each read once for each purpose
+    assert sorted(reads) == sorted(shards * 2) and checked.data.n_train + checked.data.n_val == 180
+    reads.clear()
+    clock = dataset.epoch_clock()
+    dataset.build_train_dataset(checked.data_dir, checked.cfg, clock=clock, plan=checked.data)
+    ray_local.kill(clock)
+    assert reads == []
