@@ -232,6 +232,10 @@ def run_sweep(
         print(f"sweep: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(f"sweep: Ray: {ensure_ray()}")
+    from jobs import console
+
+    if not args.verbose and console.ray_logs():
+        print(f"sweep: worker logs in {console.ray_logs()}")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state saved often: cheap, resumable
     # Free, not total: CPUs another job already holds would leave trials' data tasks no CPU (a deadlock).
     resources = plan_resources(
