@@ -149,6 +149,14 @@ def detail(label: str, value: Any) -> None:
 # Progress
 
 
+def _terminal() -> bool:
+    """stdout is a terminal with a width (a pty without a size, as under `script`, would draw nothing)."""
+    try:
+        return sys.stdout.isatty() and os.get_terminal_size(sys.stdout.fileno()).columns > 0
+    except (OSError, ValueError):  # replaced stdout (pytest capture, a notebook): no fileno or no size
+        return False
+
+
 def _eta(seconds: float) -> str:
     seconds = max(0.0, seconds)
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
@@ -164,7 +172,7 @@ class Progress:
         self.started = time.perf_counter()
         self._next_mark = every
         self._bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and _terminal():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=sys.stdout, dynamic_ncols=True, disable=False)
