@@ -65,7 +65,7 @@ SCENES_MODEL = {
     "objective.diversity_weight": 0.0,  # at 0.5 it collapsed the shapes decoder to 2 captions (RESULTS.md)
     "train.batch_size": 32,
     "train.lr": 1e-3,
-    "train.epochs": 6,
+    "train.epochs": 12,  # ~4 min a trial on 2 quiet cores; the control reaches 97% of the bits
     "train.eval_samples": 2,
     "data.num_samples": 0,
 }
