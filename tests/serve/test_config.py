@@ -225,7 +225,8 @@ def test_decoder_replica_killed_mid_stream_answers_200_or_json_503(
     with ThreadPoolExecutor(6) as pool:
         for _ in range(6):
             pool.submit(worker)
-        while len(results) < 6:
+        started = time.monotonic()
+        while len(results) < 6 and time.monotonic() - started < 60:
             time.sleep(0.05)
         killed_at = time.monotonic()
         ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
