@@ -41,21 +41,23 @@ class Burst:
     name: str
     size: int
     seconds: float
-    latencies: dict[int, list[float]]  # status -> seconds
+    latencies: dict[int, list[float]]  # status (0: no answer within the client timeout) -> seconds
 
     def count(self, status: int) -> int:
         return len(self.latencies.get(status, []))
 
     def pct(self, status: int, q: float) -> float:
+        """The q-th percentile latency of the answers with this status, in ms."""
         values = self.latencies.get(status, [])
-        return float(np.percentile(values, q)) if values else float("nan")
+        return float(np.percentile(values, q)) * 1e3 if values else float("nan")
 
     def row(self) -> str:
-        other = sum(len(v) for k, v in self.latencies.items() if k not in (200, 503))
+        counts = {k: len(v) for k, v in sorted(self.latencies.items()) if k not in (200, 503)}
+        other = f"{sum(counts.values())} {counts}" if counts else "0"  # e.g. 408: the proxy's request timeout
         return (
             f"| {self.name} | {self.size} | {self.count(200)} | {self.count(503)} | {other} | "
             f"{self.count(200) / self.seconds:.1f} | {self.pct(200, 50):.1f} | {self.pct(200, 99):.1f} | "
-            f"{self.pct(503, 99):.2f} |"
+            f"{self.pct(503, 99):.1f} |"
         )
 
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     images = random_pngs(16)
     path = seed_checkpoint(Path(tempfile.mkdtemp(prefix="overload-")))
     header = (
-        "| config | burst | 200 | 503 | other | served req/s | p50 200 ms | p99 200 ms | p99 503 s |\n"
+        "| config | burst | 200 | 503 | other | served req/s | p50 200 ms | p99 200 ms | p99 503 ms |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
     rows: list[str] = []
