@@ -181,20 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from jobs import sweep
 
-    sweep_args = argparse.Namespace(
-        name=name,
-        storage=args.storage,
-        data=args.data,
-        metric=metric,
-        mode="max" if metric != "final_ce" else "min",
-        scheduler="fifo",  # every arm trains its whole budget: the study compares end points
-        grace_period=1,
-        reduction_factor=2.0,
-        trial_cpus=1.0,
-        data_cpus=1.0,
-        max_concurrent=args.max_concurrent,
-        eval_max_images=args.eval_max_images,
-    )
+    # jobs.sweep's own defaults (whatever options it grows), then the study's choices.
+    sweep_args = sweep._parser().parse_args(["--space", "study", "--data", args.data])
+    sweep_args.name, sweep_args.storage, sweep_args.metric = name, args.storage, metric
+    sweep_args.mode = "max" if metric != "final_ce" else "min"
+    sweep_args.scheduler = "fifo"  # every arm trains its whole budget: the study compares end points
+    sweep_args.trial_cpus, sweep_args.data_cpus = 1.0, 1.0
+    sweep_args.max_concurrent, sweep_args.eval_max_images = args.max_concurrent, args.eval_max_images
     code = sweep.run_sweep(sweep_args, space, trials, base, notes)
     experiment = Path(sweep._absolute_storage(args.storage)) / name
     rows_file = experiment / "report" / "rows.json"

@@ -312,7 +312,9 @@ def orphaned_groups() -> list[bytes]:
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         removed = pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
-        if not removed and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id == job:
+        # The driver's own groups (Tune's trial groups) have a nil creator actor, which Ray reports as dead.
+        by_actor = pg.creator_actor_id != b"\xff" * len(pg.creator_actor_id)
+        if not removed and by_actor and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id == job:
             out.append(pg.placement_group_id)
     return out
 
