@@ -205,12 +205,7 @@ def placement(name: str) -> dict[str, Any]:
     return dict(deployment.get("ray_actor_options", {}))
 
 
-# The ingress does no compute: on one event loop (no hand-over to a user-code thread, handle calls routed on the
-# same loop) each request skips two thread hops there. Replicas that compute keep Serve's default.
-INLINE_INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
-def split_app(path: Path, batch: int, ingress_env: dict[str, str] | None = None):
+def split_app(path: Path, batch: int):
     """The shipped app with the config's placement (encoder_node / decoder_node); batch sizes vary per scenario."""
     from serve.app import build_app
 
@@ -221,8 +216,6 @@ def split_app(path: Path, batch: int, ingress_env: dict[str, str] | None = None)
     }
     options["PlanEncoder"]["num_replicas"] = 1
     options["Ingress"] = {"ray_actor_options": placement("Ingress")}
-    if ingress_env:
-        options["Ingress"]["ray_actor_options"]["runtime_env"] = {"env_vars": dict(ingress_env)}
     return build_app({"model": str(path), "torch_threads": 1, "deployment_options": options})
 
 
@@ -231,9 +224,9 @@ def topology(nodes: int):
     """Ray on one node that plays both roles, or a head plus an encoder node and a decoder node (own raylets)."""
     import ray
 
-    roles = {"encoder_node": 2, "decoder_node": 2}  # two apps side by side in the latency scenario
+    roles = {"encoder_node": 1, "decoder_node": 1}
     if nodes == 1:
-        ray.init(address="local", num_cpus=6, resources=roles, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, resources=roles, include_dashboard=False, log_to_driver=False)
         try:
             yield "1 node"
         finally:
@@ -244,7 +237,7 @@ def topology(nodes: int):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         for role in roles:
-            cluster.add_node(num_cpus=2, resources={role: 2})
+            cluster.add_node(num_cpus=1, resources={role: 1})
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield "2 nodes"
@@ -316,14 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     summary: list[str] = []
     for nodes in args.nodes:
         with topology(nodes) as where:
-            on, off, (split_lat, inline_lat, fused_lat) = scenarios(args, where, path, images, results)
+            on, off, (split_lat, fused_lat) = scenarios(args, where, path, images, results)
         speedup = on.throughput / off.throughput
         added = split_lat.pct(50) - fused_lat.pct(50)
-        added_inline = inline_lat.pct(50) - fused_lat.pct(50)
         summary.append(
             f"- {where}: batching speed-up at {args.concurrency} clients **{speedup:.2f}x** (target >= 3x); "
-            f"split encoder -> decoder vs one deployment at p50: **{added:+.1f} ms** as shipped, "
-            f"**{added_inline:+.1f} ms** with the ingress on one loop (target <= 3 ms)"
+            f"split encoder -> decoder vs one deployment at p50: **{added:+.1f} ms** (target <= 3 ms)"
         )
     load_after = os.getloadavg()[0]
     table = "\n".join([header, *(r.row() for r in results)])
@@ -379,11 +370,8 @@ def scenarios(
         off = run(f"{where}: split, batching off, {c} clients", c, args.requests)
         serve.run(fused_deployment().bind(str(path), 1), name="fused", route_prefix="/fused")
         wait_ready(f"{url}/fused")
-        serve.run(split_app(path, batch=1, ingress_env=INLINE_INGRESS_ENV), name="inline", route_prefix="/inline")
-        wait_ready(f"{url}/inline")
         routes = {
             f"{where}: split, batching off, 1 client": "/v1/caption",
-            f"{where}: split, ingress on one loop, batching off, 1 client": "/inline/v1/caption",
             f"{where}: single deployment, batching off, 1 client": "/fused/v1/caption",
         }
         paired_latency(url, images, routes, 4)  # warm-up
