@@ -1,31 +1,38 @@
-"""The log's Run 0 as a learning curve, in one process (no Ray): how fast does a preset learn shapes?
+"""The log's Run 0 as a learning curve, in one process: the production recipe, without Ray's orchestration.
 
-    python -m benchmarks.run0 [--steps 2000] [--per-class 400] [--eval-every 500] [--section.key=value ...]
+    python -m benchmarks.run0 [--steps N] [--per-class 400] [--eval-every 500] [--section.key=value ...]
 
-Draws the synthetic shapes set in memory with `jobs.make_shapes` (train and held-out val from their own
-seeds, exactly the images `make_shapes` writes), trains the `shapes` preset's `Objective` (the loss the
-Ray Train workers run) with AdamW, warmup then cosine, and prints at each evaluation, on the held-out
-images: exact greedy captions, the 18-class probe on the mean-pooled plan, and how often the greedy
-caption names the right colour and the right shape. Use it to try recipes in minutes before a Ray run,
-for example `--objective.category_weight=0` to see captioning alone stall at colour.
+Draws the synthetic shapes set in memory with `jobs.make_shapes` (exactly the images it writes) and keeps each
+image as the PNG bytes `jobs.prepare --image-format png` stores. Training runs the production pieces: every
+epoch the rows go through the Ray Data map transform (`jobs.dataset.transform_train_batch`: the epoch's seeded
+row order and caption draw, decode, tokenise) in chunks of MAP_BATCH_ROWS taken in a seeded per-epoch order,
+into the workers' epoch function (`jobs.train_loop.train_epoch`: the `Objective`, `jobs.optim`'s AdamW and
+warmup-cosine schedule over train.epochs, clipping, EMA). What Ray adds on top (reading Parquet shards, one
+worker per process, DDP) is left out, so a recipe can be tried in minutes; `--steps` stops part way through
+the schedule. At each evaluation, on the held-out images: exact greedy captions, the 18-class probe on the
+mean-pooled plan, and how often the greedy caption names the right colour and the right shape. Try for
+example `--objective.category_weight=0` to see captioning alone stall at colour.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import io
+import itertools
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from jobs import make_shapes
 from jobs.caption_metrics import exact_match
-from jobs.dataset import multi_hot_categories
-from jobs.optim import optimizer_step
+from jobs.dataset import MAP_BATCH_ROWS, transform_train_batch
+from jobs.optim import build_optimizer, build_schedule, steps_per_epoch
 from jobs.probe import single_label_probe
+from jobs.train_loop import _autocast, train_epoch
 from model.config import Config, load_config
 from model.generation import caption_images
 from model.model import VLJEPA, build_model
@@ -41,16 +48,61 @@ class ShapesSplit:
         rng = random.Random(f"{seed}/{split}")  # the same stream make_shapes.write_split uses
         labels = [cls for cls in make_shapes.CLASSES for _ in range(per_class)]
         rng.shuffle(labels)
-        pixels, self.captions, self.labels = [], [], []
+        pixels, self.png, self.captions, self.labels = [], [], [], []
         for colour, shape in labels:
             img, _bbox, _polygon = make_shapes.draw_shape(rng, colour, shape, size)
             pixels.append(np.asarray(img))
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG")
+            self.png.append(buffer.getvalue())  # what a prepared PNG shard stores for this image
             self.captions.append(make_shapes.captions_for(colour, shape))
             self.labels.append(make_shapes.category_id(colour, shape))
         self.images = torch.from_numpy(normalize_uint8(np.stack(pixels)))  # (N, 3, S, S)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def rows(self) -> dict[str, Any]:
+        """The split as prepared rows, ids 1..N in drawing order (what `jobs.prepare` writes)."""
+        return {
+            "image_id": np.arange(1, len(self) + 1, dtype=np.int64),
+            "image": np.array(self.png, dtype=object),
+            "captions": np.array(self.captions, dtype=object),
+            "category_ids": np.array([[label] for label in self.labels], dtype=object),
+        }
+
+
+class EpochStream:
+    """One epoch of training batches as a worker's Ray Data shard yields them (`iter_torch_batches`).
+
+    Chunks of MAP_BATCH_ROWS rows, in an order seeded by (train.seed, epoch) like the shard order, each through
+    the production map transform; batches are cut from the resulting stream across chunk boundaries, the last
+    one partial. `iter_torch_batches` hands out the next `take` batches, so an epoch can be trained in pieces.
+    """
+
+    def __init__(self, rows: dict[str, Any], cfg: Config, epoch: int) -> None:
+        self.rows, self.cfg, self.epoch = rows, cfg, epoch
+        self.take = 0
+        self._batches = self._generate()
+
+    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+        n, size = len(self.rows["image_id"]), self.cfg.train.batch_size
+        starts = np.random.default_rng([self.cfg.train.seed % 2**63, self.epoch]).permutation(
+            np.arange(0, n, MAP_BATCH_ROWS)
+        )
+        pending: dict[str, np.ndarray] | None = None
+        for start in starts:
+            chunk = {k: v[start : start + MAP_BATCH_ROWS] for k, v in self.rows.items()}
+            out = transform_train_batch(chunk, self.cfg, self.epoch)
+            pending = out if pending is None else {k: np.concatenate([pending[k], out[k]]) for k in out}
+            while len(pending["image_id"]) >= size:
+                yield {k: torch.from_numpy(v[:size]) for k, v in pending.items()}
+                pending = {k: v[size:] for k, v in pending.items()}
+        if pending is not None and len(pending["image_id"]):
+            yield {k: torch.from_numpy(v) for k, v in pending.items()}
+
+    def iter_torch_batches(self, **_: Any) -> Iterator[dict[str, torch.Tensor]]:
+        return itertools.islice(self._batches, self.take)
 
 
 @torch.no_grad()
@@ -78,69 +130,70 @@ def evaluate(model: VLJEPA, train: ShapesSplit, val: ShapesSplit, tok: ByteToken
 def run(
     cfg: Config,
     *,
-    steps: int,
+    steps: int = 0,
     per_class: int,
     val_per_class: int,
     eval_every: int,
-    schedule_steps: int = 0,
     model: VLJEPA | None = None,
 ) -> list[dict[str, float]]:
-    """Train for `steps` batches of cfg.train.batch_size on a warmup + cosine schedule of `schedule_steps`
-    (0: `steps`; more: stop part way through a longer run's schedule); returns one dict per evaluation.
+    """Train on the schedule of cfg.train.epochs over the shapes set, stopping after `steps` steps (0: the whole
+    schedule); returns one dict per evaluation (every `eval_every` steps and at the end).
     `model`: train this freshly built model in place (benchmarks.wire keeps it), instead of a new one."""
     torch.manual_seed(cfg.train.seed)
     size = cfg.model.image_size
     train, val = ShapesSplit("train", per_class, size), ShapesSplit("val", val_per_class, size)
+    rows = train.rows()
     model = build_model(cfg.model) if model is None else model
     objective = Objective(model, cfg.objective)
     tok = ByteTokenizer(cfg.model.max_seq_length)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    horizon = max(steps, schedule_steps)
-    warmup = max(1, horizon // 10)
-
-    def schedule(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / horizon)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    draw = random.Random(cfg.train.seed)
-    num_categories = cfg.objective.num_categories
-    history, started = [], time.perf_counter()
-    for step in range(1, steps + 1):
-        rows = torch.randint(0, len(train), (cfg.train.batch_size,), generator=gen).tolist()
-        ids, mask = tok.batch([draw.choice(train.captions[i]) for i in rows])  # one caption drawn per image
-        categories = None
-        if objective.needs_categories:
-            categories = torch.from_numpy(multi_hot_categories([[train.labels[i]] for i in rows], num_categories))
-        losses = objective(train.images[rows], ids, mask, categories)
-        optimizer_step(objective, losses["loss"], optimizer, scheduler, cfg.train.grad_clip)
-        if step % eval_every == 0 or step == steps:
-            row = {"step": float(step), "ce": losses["ce"].item(), **evaluate(model, train, val, tok)}
-            row["elapsed_s"] = time.perf_counter() - started
-            history.append(row)
-            print(
-                f"step {step:5d}  ce {row['ce']:.3f}  exact {row['exact_pct']:5.1f}%  probe {row['probe_pct']:5.1f}%  "
-                f"colour {row['colour_pct']:5.1f}%  shape {row['shape_pct']:5.1f}%  "
-                f"unique {int(row['unique_greedy'])}  ({row['elapsed_s']:.0f} s)",
-                flush=True,
+    optimizer = build_optimizer(objective, cfg.train)
+    per_epoch = steps_per_epoch(len(train), cfg.train.batch_size, 1)
+    scheduler = build_schedule(optimizer, cfg.train, per_epoch)
+    device, autocast = torch.device("cpu"), _autocast(cfg, torch.device("cpu"))
+    total = min(steps or cfg.train.epochs * per_epoch, cfg.train.epochs * per_epoch)
+    history, started, done = [], time.perf_counter(), 0
+    while done < total:
+        epoch = done // per_epoch + 1
+        stream = EpochStream(rows, cfg, epoch)
+        while done < min(total, epoch * per_epoch):
+            # Up to the next evaluation point or the end of the epoch, whichever comes first.
+            stream.take = min(eval_every - done % eval_every, epoch * per_epoch - done, total - done)
+            stats = train_epoch(
+                objective, objective, optimizer, scheduler, stream, cfg.train.batch_size, device, autocast, cfg, epoch
             )
+            done += stream.take
+            if done % eval_every == 0 or done == total:
+                row = {
+                    "step": float(done),
+                    "epoch": float(epoch),
+                    "ce": stats["ce"],
+                    **evaluate(model, train, val, tok),
+                }
+                row["elapsed_s"] = time.perf_counter() - started
+                history.append(row)
+                print(_format(row), flush=True)
     return history
+
+
+def _format(row: dict[str, float]) -> str:
+    pct = " ".join(f"{k} {row[f'{k}_pct']:5.1f}%" for k in ("exact", "probe", "colour", "shape"))
+    unique = int(row["unique_greedy"])
+    return f"step {int(row['step']):5d}  ce {row['ce']:.3f}  {pct}  unique {unique}  ({row['elapsed_s']:.0f} s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run0", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="shapes")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=0, help="stop after N steps (default: all of train.epochs)")
     parser.add_argument("--per-class", type=int, default=400, help="train images per class (the demo: 400)")
     parser.add_argument("--val-per-class", type=int, default=10, help="held-out images per class")
     parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--schedule-steps", type=int, default=0, help="cosine horizon, if longer than --steps")
     parser.add_argument("--threads", type=int, default=2)
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, overrides)
     print(
-        f"preset {args.preset} {' '.join(overrides)}: {args.steps} steps of {cfg.train.batch_size}, "
+        f"preset {args.preset} {' '.join(overrides)}: {args.steps or 'all'} steps of {cfg.train.batch_size}, "
         f"{args.per_class * 18} train / {args.val_per_class * 18} held-out images, {args.threads} threads"
     )
     run(
@@ -149,7 +202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_class=args.per_class,
         val_per_class=args.val_per_class,
         eval_every=args.eval_every,
-        schedule_steps=args.schedule_steps,
     )
     return 0
 

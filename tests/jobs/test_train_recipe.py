@@ -214,8 +214,8 @@ def test_weight_decay_only_on_weight_matrices():
 
 
 def test_one_home_for_the_optimiser_and_schedule():
-    """The train loop and benchmarks.train build AdamW and the schedule only through jobs.optim."""
-    for path in ("jobs/train_loop.py", "benchmarks/train.py"):
+    """The train loop, benchmarks.run0 and benchmarks.train build AdamW and the schedule only through jobs.optim."""
+    for path in ("jobs/train_loop.py", "benchmarks/run0.py", "benchmarks/train.py"):
         source = (ROOT / path).read_text()
         assert "AdamW(" not in source and "LambdaLR(" not in source, path
         assert "build_optimizer(" in source, path
