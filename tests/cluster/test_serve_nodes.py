@@ -139,7 +139,6 @@ def test_encoder_and_decoder_on_their_nodes_give_single_node_captions(local_clus
                 f" vs {patches} B patch activations (N={cfg.num_patches}), JPEG {cfg.image_size}px q75 {jpeg[75]} B,"
                 f" q95 {jpeg[95]} B"
             )
-        assert plan_size < patches
     finally:
         serve.delete(APP)
 
