@@ -368,13 +368,15 @@ class PlanEncoder(nn.Module):
         and each text-encoder parameter's storage and version counter: any change of the weights (an
         optimizer step, the EMA's lerp_, load_state_dict, .to()) recomputes it on the next call.
         """
-        if torch.is_grad_enabled():
+        params = list(self.text.parameters())
+        if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+            # Training, or weights made under inference_mode (no version counter to key a cache by).
             return self.text(self.query_ids)
         device = self.query_ids.device
         key = (
             device,
             torch.is_autocast_enabled(device.type),
-            *((p.data_ptr(), p._version) for p in self.text.parameters()),
+            *((p.data_ptr(), p._version) for p in params),
         )
         if self._query_cache is None or self._query_cache[0] != key:
             # Outside inference mode, so the cached tensor stays usable by plain no_grad callers too.

@@ -261,3 +261,13 @@ def test_encode_caches_the_query_encoding_until_the_weights_change() -> None:
         served = encoder.encode(images)
     assert torch.equal(served, encoder.encode(images))
     assert encoder.encode(images[:0]).shape == (0, *fresh.shape[1:])
+
+
+def test_encode_works_on_weights_created_under_inference_mode() -> None:
+    """Inference tensors carry no version counter: encode then computes the query each call (no cache)."""
+    with torch.inference_mode():
+        model = randomize(debug_model())
+        images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        expected = model.encoder(images)
+    assert torch.equal(model.encoder.encode(images), expected)
+    assert model.encoder._query_cache is None
