@@ -383,10 +383,16 @@ class EpochClock:
 
 
 def epoch_clock(epoch: int = 1) -> Any:
-    """A new `EpochClock` actor (no CPU reserved); `ray.kill` it when the run is over."""
-    import ray
+    """A new `EpochClock` actor (no CPU reserved) on the caller's node; `ray.kill` it when the run is over.
 
-    return ray.remote(num_cpus=0)(EpochClock).remote(epoch)
+    Pinned to the driver's node: placed on a worker node, the clock died with that node and the restarted
+    workers of a run that lost a node could never read their epoch again (found by tests/cluster).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(EpochClock).remote(epoch)
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,8 @@ def evaluate_model(
         "final_ce_smoothed": ce_smoothed,
         "plan_len": cfg.model.plan_len,
         "embed_dim": cfg.model.embed_dim,
-        "plan_bytes": plan_nbytes(cfg.model.plan_len, cfg.model.embed_dim, "fp16"),  # K x D payload
+        "plan_dim": cfg.model.plan_dim,  # the width on the wire: D, or model.wire_dim when set
+        "plan_bytes": plan_nbytes(cfg.model.plan_len, cfg.model.plan_dim, "fp16"),  # K x D_wire payload
     }
     metrics.update(caption_metrics.caption_report(greedy, references, sampled))
     scene_spec = read_spec(data_dir)  # a scenes set keeps its spec beside the shards; COCO has none
@@ -377,7 +378,7 @@ def markdown_table(m: dict[str, Any]) -> str:
         ("Probe: 20 keyword categories, accuracy / chance", keyword, log["probe_keyword"]),
         ("Probe: single-label categories, accuracy / chance", category, ""),
         ("Probe: instance categories, multi-label mAP", _fmt(m.get("probe_map80"), 4), ""),
-        ("Plan size (fp16 bytes)", f"{m['plan_bytes']} ({m['plan_len']} x {m['embed_dim']})", log["plan_bytes"]),
+        ("Plan size (fp16 bytes)", f"{m['plan_bytes']} ({m['plan_len']} x {m['plan_dim']})", log["plan_bytes"]),
     ]
     title = f"### `{m['preset']}` ({m['conditioning']}, fingerprint {m['fingerprint']}) on {m['split']!r}, {n} images"
     lines = [title, "", "| Metric | This model | Log Run 2 |", "|---|---|---|"]

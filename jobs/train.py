@@ -428,8 +428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"train: preset {cfg.preset} on {where}; {cfg.train.num_workers} worker(s), gpu={cfg.train.use_gpu}")
     if not args.verbose and console.ray_logs():
         print(f"train: worker logs in {console.ray_logs()}")
-    if not args.verbose and console.ray_logs():
-        print(f"train: worker logs in {console.ray_logs()}")
     with console.training_progress(checked.cfg.train.epochs) as callbacks:
         result = run_training(
             checked.cfg,
