@@ -193,7 +193,7 @@ def test_placement_groups_of_dead_creators_are_released_and_no_other(ray_local):
     # What an ASHA-stopped trial leaves (ray-project/ray#54305): its Train controller (an actor) made a group,
     # then died with the trial; the group belongs to the job and kept its CPUs until the driver exited.
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
     from jobs.sweep import orphaned_groups, release_orphaned_groups
 
@@ -219,5 +219,5 @@ def test_placement_groups_of_dead_creators_are_released_and_no_other(ray_local):
     assert table[alive_pg.hex()]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
     assert orphaned_groups() == []
     remove_placement_group(own)
-    remove_placement_group(ray.util.placement_group.PlacementGroup(ray.PlacementGroupID(alive_pg)))
+    remove_placement_group(PlacementGroup(ray.PlacementGroupID(alive_pg)))
     ray.kill(alive)
