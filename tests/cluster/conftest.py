@@ -45,23 +45,20 @@ HEAD_CPUS = 1
 NODE_MEMORY = 150 * 1024 * 1024  # object store per node, Cluster's own default
 
 
-OPT_IN_ENV = "VLJEPA_CLUSTER_TESTS"  # "1": run them (see below)
+OPT_IN_ENV = "VLJEPA_CLUSTER_TESTS"  # "1": also run the opt-in tests below
+# Opt-in until it passes here: with ONE decoder replica, its node lost, the replacement comes up on the spare
+# decoder node, but one in-flight request (of ~100) ended in a client connection error instead of a 503.
+OPT_IN = {"test_losing_the_decoder_node_gives_503_then_a_replica_elsewhere"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Cluster tests last: after them this process is no longer connected to the session's `ray_local`.
-
-    Opt-in for now: their one run here (2026-11-30) found a replacement decoder replica unschedulable (the
-    Ingress had taken a fraction of the spare decoder node's single CPU; role nodes now have 2), and they stay
-    out of the default suite (skipped, with the reason) until `VLJEPA_CLUSTER_TESTS=1 pytest tests/cluster`
-    has passed here.
-    """
+    """Cluster tests last: after them this process is no longer connected to the session's `ray_local`."""
     here = Path(__file__).resolve().parent
     items.sort(key=lambda item: Path(str(item.fspath)).resolve().is_relative_to(here))
     if os.environ.get(OPT_IN_ENV) != "1":
-        skip = pytest.mark.skip(reason=f"multi-node cluster tests are opt-in: set {OPT_IN_ENV}=1")
+        skip = pytest.mark.skip(reason=f"opt-in multi-node test (not yet passing here): set {OPT_IN_ENV}=1")
         for item in items:
-            if Path(str(item.fspath)).resolve().is_relative_to(here):
+            if Path(str(item.fspath)).resolve().is_relative_to(here) and item.originalname in OPT_IN:
                 item.add_marker(skip)
 
 
