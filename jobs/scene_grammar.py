@@ -25,13 +25,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from jobs.make_shapes import COLOURS
+
+# The shapes set's six colours (one home: jobs.make_shapes), in the scenes' own order, plus two more.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "blue": (40, 80, 220),
-    "green": (40, 170, 60),
-    "yellow": (235, 215, 40),
-    "purple": (140, 50, 180),
-    "orange": (245, 140, 20),
+    **{name: COLOURS[name] for name in ("red", "blue", "green", "yellow", "purple", "orange")},
     "cyan": (30, 190, 210),
     "pink": (240, 120, 180),
 }
