@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.serve_load import write_section
 from benchmarks.train import LOG_SAMPLES_PER_S, _peak, make_batch, measure
-from jobs.optim import optimizer_step
+from jobs.optim import build_optimizer, optimizer_step
 from model.codec import decode_plan, encode_plan
 from model.config import Config, load_config
 from model.generation import generate
@@ -99,7 +99,7 @@ def _ddp_worker(rank: int, world: int, port: int, preset: str, batch: int, steps
         torch.manual_seed(0)
         objective = Objective(build_model(cfg.model), cfg.objective).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[rank] if cuda else None)
-        optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = build_optimizer(objective, cfg.train)
         images, ids, mask = make_batch(cfg, batch, device)
         categories = None
         if objective.needs_categories:

@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jobs.dataset import DataError, decode_images, load_split, shard_paths
-from jobs.optim import warmup_cosine
+from jobs.optim import build_optimizer, warmup_cosine
 from jobs.scene_grammar import SceneSpec, parse_caption, read_spec
-from model.checkpoint import save_model
+from model.checkpoint import CHECKPOINT_FILE, save_model
 from model.config import Config, ConfigError, load_config, parse_overrides
 from model.model import CrossAttention, VisionEncoder, build_model
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = CHECKPOINT_FILE
 VAL_IMAGES = 1000  # held-out images scored each epoch (shipped to the worker in its config)
 
 
@@ -155,7 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.model)  # the vision encoder trains; the rest stays at its init in the checkpoint
     outputs, cells = outputs_for(spec, cfg)
     net = PretrainNet(model.encoder.vision, cfg.model.embed_dim, cfg.model.num_heads, outputs, cells).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(net, cfg.train)  # the recipe's AdamW and decay groups (jobs.optim)
     steps = int(config["steps_per_epoch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.train.epochs * steps))
     train_module = ray.train.torch.prepare_model(net)
