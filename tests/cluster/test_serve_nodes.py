@@ -47,7 +47,7 @@ def url(local_cluster: LocalCluster) -> str:
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})  # as serve/config.yaml
     return f"http://127.0.0.1:{port}"
 
 
