@@ -97,6 +97,7 @@ class ShippedConfig:
     """serve/config.yaml in the two forms a programmatic caller needs."""
 
     http_options: dict[str, Any]  # for serve.start(http_options=...)
+    proxy_location: str  # for serve.start(proxy_location=...)
     app_args: dict[str, Any]  # for build_app(...): the app's args plus its deployments as deployment_options
     route_prefix: str
     name: str
@@ -111,6 +112,7 @@ def shipped_config(path: Path = CONFIG_PATH, **overrides: Any) -> ShippedConfig:
     args["deployment_options"] = {**options, **args.get("deployment_options", {})}
     return ShippedConfig(
         http_options=dict(config.get("http_options", {})),
+        proxy_location=str(config.get("proxy_location", "HeadOnly")),
         app_args=args,
         route_prefix=app.get("route_prefix", "/"),
         name=app["name"],
