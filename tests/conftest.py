@@ -39,3 +39,11 @@ def ray_local():
     except Exception:
         pass
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reaches the session's Ray through any fixture is a Ray test, marked or not, so the fast
+    tier (`make test-fast`: -m "not ray and not slow") never starts Ray."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.ray)

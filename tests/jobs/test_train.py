@@ -11,88 +11,60 @@ import torch
 from mlflow import MlflowClient
 
 from jobs import train
-from jobs.train_loop import KILL_EPOCH_ENV, KILL_MARKER_ENV, MODEL_FILE, STATE_FILE
+from jobs.train_loop import MODEL_FILE, STATE_FILE
 from model.checkpoint import read_config, read_metadata
 from model.config import load_config
 
 pytestmark = pytest.mark.ray
 
-# Tiny: the debug model on 48 shapes images, 6 steps of 8 per epoch split over 2 workers.
-DEBUG = ["--train.num_workers=2", "--train.batch_size=8", "--data.num_samples=48", "--train.eval_samples=2"]
+# The runs: `two_worker_runs` in tests/jobs/conftest.py (the debug model on 48 shapes images, 6 steps of 8 per
+# epoch split over 2 workers, 3 epochs; the same fits serve test_reproducible.py).
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory) -> str:
+def mlflow_uri(two_worker_runs) -> str:
+    """The runs' MLflow store, also as $MLFLOW_TRACKING_URI (how `models:/` URIs resolve in jobs.evaluate)."""
     mp = pytest.MonkeyPatch()
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
+    mp.setenv("MLFLOW_TRACKING_URI", two_worker_runs.tracking_uri)
+    yield two_worker_runs.tracking_uri
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def killed_then_resumed(ray_local, prepared_shapes, mlflow_uri, tmp_path_factory):
-    """Run A: 2 epochs, rank 0 dies mid-epoch 2 and the group restarts from epoch 1's checkpoint.
-    Run B: the same run name with 3 epochs resumes after epoch 2 and trains only epoch 3."""
-    storage = tmp_path_factory.mktemp("runs")
-    marker = storage / "killed.marker"
-    mp = pytest.MonkeyPatch()
-    mp.setenv(KILL_EPOCH_ENV, "2")
-    mp.setenv(KILL_MARKER_ENV, str(marker))
-    try:
-        first = train.run_training(
-            load_config("debug", [*DEBUG, "--train.epochs=2"]),
-            str(prepared_shapes),
-            run_name="kr",
-            storage_path=str(storage),
-        )
-    finally:
-        mp.undo()
-    killed = marker.exists()
-    second = train.run_training(
-        load_config("debug", [*DEBUG, "--train.epochs=3"]),
-        str(prepared_shapes),
-        run_name="kr",
-        storage_path=str(storage),
-    )
-    return {"first": first, "second": second, "killed": killed, "storage": storage}
-
-
-def test_worker_killed_mid_epoch_recovers_from_last_checkpoint(killed_then_resumed):
-    first = killed_then_resumed["first"]
-    assert killed_then_resumed["killed"], "the test hook never fired"
-    # The restarted group restored epoch 1 and trained epoch 2 again: right epoch count, no restart from 0.
-    assert first.metrics["epoch"] == 2
-    assert first.metrics["start_epoch"] == 2
+def test_worker_killed_mid_epoch_recovers_from_last_checkpoint(two_worker_runs):
+    killed = two_worker_runs.killed
+    assert two_worker_runs.hook_fired, "the test hook never fired"
+    # The restarted group restored epoch 1 and trained epochs 2 and 3 again: no restart from 0.
+    assert killed.metrics["epoch"] == 3
+    assert killed.metrics["start_epoch"] == 2
     # The restored schedule went on from step 6 (not 0): 6 steps per worker per epoch, the cosine at 0 at the end.
-    assert first.metrics["steps"] == 6 and first.metrics["lr"] == 0.0
+    assert killed.metrics["steps"] == 6 and killed.metrics["lr"] == 0.0
 
 
-def test_same_run_name_resumes_instead_of_restarting(killed_then_resumed):
-    second = killed_then_resumed["second"]
-    assert second.metrics["epoch"] == 3
-    assert second.metrics["start_epoch"] == 3  # only epoch 3 ran
-    assert second.metrics["lr"] == 0.0  # the schedule of the new 3-epoch config, restored at step 12 of 18
-    assert second.mlflow_run_id == killed_then_resumed["first"].mlflow_run_id  # one MLflow run for the whole run
-    # The best-N policy kept at most keep_checkpoints (+ the latest) folders, each complete.
-    folders = sorted(p for p in (killed_then_resumed["storage"] / "kr").glob("checkpoint_*") if p.is_dir())
-    assert 1 <= len(folders) <= 3
+def test_same_run_name_resumes_instead_of_restarting(two_worker_runs):
+    extended = two_worker_runs.extended
+    assert extended.metrics["epoch"] == 4
+    assert extended.metrics["start_epoch"] == 4  # only epoch 4 ran
+    assert extended.metrics["lr"] == 0.0  # the schedule of the new 4-epoch config, restored at step 18 of 24
+    assert extended.mlflow_run_id == two_worker_runs.killed.mlflow_run_id  # one MLflow run for the whole run
+    # The best-N policy (keep_checkpoints=3) dropped one of the 4 epochs' folders; the kept ones are complete.
+    folders = sorted(p for p in (two_worker_runs.storage / "killed").glob("checkpoint_*") if p.is_dir())
+    assert len(folders) == 3, folders
     for folder in folders:
         assert (folder / MODEL_FILE).is_file() and (folder / STATE_FILE).is_file()
-    state = torch.load(Path(second.checkpoint_dir) / STATE_FILE, weights_only=True)
-    assert state["epoch"] in (1, 2, 3) and "optimizer" in state and "rng" in state
-    assert read_config(Path(second.checkpoint_dir) / MODEL_FILE).train.epochs == 3
+    state = torch.load(Path(extended.checkpoint_dir) / STATE_FILE, weights_only=True)
+    assert state["epoch"] in (2, 3, 4) and "optimizer" in state and "rng" in state
+    assert read_config(Path(extended.checkpoint_dir) / MODEL_FILE).train.epochs == 4
 
 
-def test_mlflow_run_holds_params_metrics_artifacts_and_a_registered_version(killed_then_resumed, mlflow_uri):
-    result = killed_then_resumed["second"]
+def test_mlflow_run_holds_params_metrics_artifacts_and_a_registered_version(two_worker_runs, mlflow_uri):
+    result = two_worker_runs.extended
     client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2" and run.data.params["preset"] == "debug"
-    assert run.data.tags["resume.changed.train.epochs"] == "2 -> 3"
+    assert run.data.tags["resume.changed.train.epochs"] == "3 -> 4"
     steps = sorted({m.step for m in client.get_metric_history(result.mlflow_run_id, "val_ce")})
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2, 3, 4]
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"checkpoint", "config.json", "sample_captions.json", "final_metrics.json"} <= artifacts
     assert result.model_uri and result.model_uri.startswith("models:/vl-jepa-captioner/")
@@ -100,10 +72,10 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_a_registered_version(kill
     assert f"models:/vl-jepa-captioner/{version.version}" == result.model_uri
 
 
-def test_evaluate_loads_the_registered_model_by_uri(killed_then_resumed, prepared_shapes):
+def test_evaluate_loads_the_registered_model_by_uri(two_worker_runs, mlflow_uri, prepared_shapes):
     from jobs.evaluate import evaluate_model
 
-    result = killed_then_resumed["second"]
+    result = two_worker_runs.extended
     report = evaluate_model(result.alias_uri, str(prepared_shapes), split="val", max_images=8)
     assert report["preset"] == "debug" and report["num_images"] == 8
     # the registered version is the run's best checkpoint, weights and all
