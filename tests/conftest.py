@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -18,6 +19,17 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# torch's default intra-op thread count (the physical cores), before any test changes it.
+STARTUP_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Leave every test with the thread count the process started with. A command called in-process (e.g.
+    `benchmarks.wire.main(["--threads", "1"])`) sets torch's process-wide count and leaves it: every later
+    test, the Run-0 training included, then ran on one of the two cores."""
+    yield
+    torch.set_num_threads(STARTUP_THREADS)
 
 
 @pytest.fixture(scope="session")
