@@ -33,7 +33,7 @@ from torch import Tensor
 
 from jobs import caption_metrics, probe, scene_metrics
 from jobs.checkpoints import resolve_checkpoint, resolve_tracking_uri
-from jobs.dataset import DataError, EvalSet, load_eval_split, load_split
+from jobs.dataset import DataError, EvalSet, load_eval_split, load_split, split_exists
 from jobs.scene_grammar import read_spec
 from model.checkpoint import load_model
 from model.codec import plan_nbytes
@@ -108,7 +108,7 @@ def load_eval_data(data_dir: str, split: str, cfg: Config, *, limit: int = 0) ->
     out as validation: the `data.val_fraction` of the train split picked by `heldout_mask`.
     """
     size = cfg.model.image_size
-    if (Path(data_dir) / split).is_dir() or split != cfg.data.val_split:
+    if split != cfg.data.val_split or split_exists(data_dir, split):
         return load_split(data_dir, split, size, limit=limit), 0.0  # raises DataError naming the folder
     data = load_eval_split(data_dir, cfg, limit=limit)
     if data is None:
@@ -141,7 +141,7 @@ def _probe_sets(
     if heldout_fraction > 0 and probe_split == train_split:
         train_set = load_split(data_dir, probe_split, size, limit=cap, heldout=(heldout_fraction, False))
         how = f"trained on {probe_split!r} minus its held-out {heldout_fraction:g}"
-    elif probe_split != split and (Path(data_dir) / probe_split).is_dir():
+    elif probe_split != split and split_exists(data_dir, probe_split):
         train_set = load_split(data_dir, probe_split, size, limit=cap)
         how = f"trained on {probe_split!r}"
     if train_set is not None and len(train_set):

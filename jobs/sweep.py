@@ -213,9 +213,17 @@ def run_sweep(
     args: argparse.Namespace, space: Space, trials: list[TrialPoint], base_overrides: dict, notes: list[str]
 ) -> int:
     from jobs.runtime import ensure_ray, free_resources
+    from jobs.storage import StorageError, storage_uri
+    from jobs.train import check_data
 
     name = args.name or f"sweep-{space.name.split()[0]}"
-    storage = _absolute_storage(args.storage or trials[0].config.train.storage_path or "runs")
+    try:  # a bad data folder or storage URI fails here, before Ray, not in every trial
+        storage = storage_uri(args.storage or trials[0].config.train.storage_path or "runs")
+        data_dir = storage_uri(args.data)
+        check_data(trials[0].config, data_dir)
+    except StorageError as exc:  # jobs.dataset.DataError included
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     experiment = f"{storage}/{name}"
     metric = args.metric
     mode = args.mode or sweep_report.default_mode(metric)
@@ -223,14 +231,6 @@ def run_sweep(
     stop_metric, stop_mode = (metric, mode) if metric in PER_EPOCH_METRICS else ("val_ce", "min")
 
     print(f"sweep {name}: space {space.name}, {len(trials)} trial(s) -> {experiment}")
-    from jobs.dataset import DataError
-    from jobs.train import check_data
-
-    try:
-        check_data(trials[0].config, args.data)  # a bad data folder fails here, not in every trial
-    except DataError as exc:
-        print(f"sweep: error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
     print(f"sweep: Ray: {ensure_ray()}")
     from jobs import console
 
@@ -258,7 +258,7 @@ def run_sweep(
         name=name,
         space=space,
         base_overrides=base_overrides,
-        data_dir=_absolute_storage(args.data),
+        data_dir=data_dir,
         train_storage=f"{experiment}/train",
         parent_run_id=meta.get("parent_run_id"),
         data_cpus=args.data_cpus,
@@ -495,28 +495,17 @@ def _load_or_create_meta(
     return meta
 
 
-def _read_text(uri: str) -> str | None:
-    import pyarrow.fs
+def _read_text(where: str) -> str | None:
+    from jobs.storage import resolve
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
+    file = resolve(where)
+    return file.read_bytes().decode("utf-8") if file.is_file() else None
 
 
-def _write_text(uri: str, text: str) -> None:
-    import pyarrow.fs
+def _write_text(where: str, text: str) -> None:
+    from jobs.storage import resolve
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _absolute_storage(path: str) -> str:
-    """Tune and Train want absolute paths or URIs; Ray workers run in other directories."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    resolve(where).write_bytes(text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from jobs import dataset  # noqa: E402
 from jobs.optim import steps_per_epoch  # noqa: E402
 from jobs.runtime import ensure_ray  # noqa: E402
+from jobs.storage import Location, StorageError, Where, resolve, storage_uri  # noqa: E402
 from jobs.train_loop import VISION_FINGERPRINT_KEY, init_vision, train_loop_per_worker  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
 from model.config import PRESETS, Config, ConfigError, load_config  # noqa: E402
@@ -74,16 +75,17 @@ class Preflight:
     """What the driver learned before touching Ray; handed down so nothing is read or checked twice."""
 
     cfg: Config  # model.vision_weights made absolute (workers run in other folders)
-    data_dir: str  # absolute
+    data_dir: Location  # the prepared folder: local (absolute) or a URI's filesystem and path
     data: dataset.DataPlan  # splits, training rows (shard files, hold-out rule, cap), validation size
     steps_per_epoch: int  # optimiser steps each worker takes per epoch (the LR horizon's unit)
     vision_fingerprint: str | None  # of the vision tensors in model.vision_weights
 
 
-def preflight(cfg: Config, data_dir: str) -> Preflight:
+def preflight(cfg: Config, data_dir: Where) -> Preflight:
     """Every check that needs no Ray: the data folder, the batch split, the vision weights.
 
-    Raises dataset.DataError or ConfigError with a message naming the offending value.
+    Raises dataset.DataError or ConfigError with a message naming the offending value. `data_dir` is a
+    local folder or a URI (file://, s3://, gs://): resolved here, once, and handed on as a Location.
     """
     t = cfg.train
     if t.batch_size % t.num_workers:
@@ -93,26 +95,27 @@ def preflight(cfg: Config, data_dir: str) -> Preflight:
             f"use a multiple of {t.num_workers}"
         )
     cfg, vision_fingerprint = check_vision_weights(cfg)
-    plan = _plan_data(cfg, data_dir)
+    where = dataset.locate(data_dir)
+    plan = _plan_data(cfg, where)
     if plan.n_train < t.num_workers:
-        raise dataset.DataError(f"{data_dir}: {plan.n_train} training rows cannot feed {t.num_workers} workers")
+        raise dataset.DataError(f"{where}: {plan.n_train} training rows cannot feed {t.num_workers} workers")
     return Preflight(
         cfg=cfg,
-        data_dir=str(Path(data_dir).resolve()),
+        data_dir=where,
         data=plan,
         steps_per_epoch=steps_per_epoch(plan.n_train, t.batch_size, t.num_workers),
         vision_fingerprint=vision_fingerprint,
     )
 
 
-def check_data(cfg: Config, data_dir: str) -> tuple[int, int]:
+def check_data(cfg: Config, data_dir: Where) -> tuple[int, int]:
     """(training rows, validation images) after checking the prepared folder, its manifests and the
     configured splits (DataError otherwise)."""
     plan = _plan_data(cfg, data_dir)
     return plan.n_train, plan.n_val
 
 
-def _plan_data(cfg: Config, data_dir: str) -> dataset.DataPlan:
+def _plan_data(cfg: Config, data_dir: Where) -> dataset.DataPlan:
     plan = dataset.plan_training(data_dir, cfg)
     if plan.n_train == 0:
         raise dataset.DataError(f"{data_dir}: the training split has no rows for this config")
@@ -204,25 +207,19 @@ def _autoscaling_expected() -> bool:
 
 
 def resolve_storage(cfg: Config, storage_path: str | None = None) -> str:
-    """Storage for checkpoints: argument, config, else an absolute ./runs (workers run elsewhere)."""
-    path = storage_path or cfg.train.storage_path or "runs"
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
+    """Storage for checkpoints: argument, config, else ./runs; an absolute path (workers run elsewhere) or a
+    URI every node opens (s3://, gs://, file://). StorageError for a URI no pyarrow filesystem opens."""
+    return storage_uri(storage_path or cfg.train.storage_path or "runs")
 
 
 def run_exists(storage_path: str, run_name: str) -> bool:
     """Whether Train V2 left a snapshot for this run: then a new trainer resumes it."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path if "://" in storage_path else Path(storage_path).as_uri())
-    info = fs.get_file_info(f"{root.rstrip('/')}/{run_name}/{SNAPSHOT_FILE}")
-    return info.type == pyarrow.fs.FileType.File
+    return (resolve(storage_path) / run_name / SNAPSHOT_FILE).is_file()
 
 
 def make_trainer(
     cfg: Config,
-    data_dir: str,
+    data_dir: Where,
     *,
     run_name: str,
     storage_path: str | None = None,
@@ -337,7 +334,7 @@ def finish_training(cfg: Config, trainer: TorchTrainer, result: Any, *, register
 
 def run_training(
     cfg: Config,
-    data_dir: str,
+    data_dir: Where,
     *,
     run_name: str | None = None,
     storage_path: str | None = None,
@@ -352,6 +349,7 @@ def run_training(
     `callbacks`: Ray Train UserCallbacks, e.g. the epoch bar of `jobs.console.training_progress`.
     `checked`: the caller's `preflight` result; `ray_ready`: the caller ran `start_ray` already."""
     checked = checked or preflight(cfg, data_dir)
+    storage_path = resolve_storage(checked.cfg, storage_path)  # a bad URI fails before Ray starts
     if not ray_ready:
         start_ray(checked.cfg)
     name = run_name or cfg.train.run_name or default_run_name(cfg)
@@ -405,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train the VL-JEPA captioner with Ray Train; --section.key=value arguments override the preset.",
     )
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--data", required=True, help="prepared data folder (python -m jobs.prepare --out ...)")
+    parser.add_argument(
+        "--data", required=True, help="prepared data folder or URI (file://, s3://, gs://) every node can read"
+    )
     parser.add_argument("--run-name", default=None, help="same name again resumes that run (default: train.run_name)")
     parser.add_argument("--storage", default=None, help="checkpoint storage path or URI (default: train.storage_path)")
     parser.add_argument("--no-register", action="store_true", help="log to MLflow but do not register a version")
@@ -417,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.preset, overrides)
         checked = preflight(cfg, args.data)  # everything that can fail without Ray fails here
-    except (ConfigError, dataset.DataError) as exc:
+        resolve_storage(cfg, args.storage)  # an unknown scheme or bucket fails here too, not after Ray started
+    except (ConfigError, StorageError) as exc:  # StorageError includes dataset.DataError
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,16 +70,21 @@ def test_encode_captions_fixed_length_and_truncation():
     assert (long_ids[0] != PAD).sum() == 202  # BOS + 200 chars + EOS: max_caption_chars applies first
 
 
+def _paths(splits) -> tuple:
+    """resolve_splits' (train, val) Locations as local paths."""
+    return tuple(None if loc is None else Path(loc.path) for loc in splits)
+
+
 def test_resolve_splits_and_errors(prepared_shapes, tmp_path):
     cfg = load_config("shapes")
-    assert resolve_splits(prepared_shapes, cfg) == (prepared_shapes / "train", prepared_shapes / "val")
+    assert _paths(resolve_splits(prepared_shapes, cfg)) == (prepared_shapes / "train", prepared_shapes / "val")
     assert dataset_sizes(prepared_shapes, cfg) == (180, 36)
     held = load_config("shapes", ["--data.val_split=missing"])
-    assert resolve_splits(prepared_shapes, held) == (prepared_shapes / "train", prepared_shapes / "train")
+    assert _paths(resolve_splits(prepared_shapes, held)) == (prepared_shapes / "train", prepared_shapes / "train")
     n_train, n_val = dataset_sizes(prepared_shapes, held)
     assert n_train + n_val == 180 and 5 <= n_val <= 35
     none = load_config("shapes", ["--data.val_split=missing", "--data.val_fraction=0"])
-    assert resolve_splits(prepared_shapes, none) == (prepared_shapes / "train", None)
+    assert _paths(resolve_splits(prepared_shapes, none)) == (prepared_shapes / "train", None)
 
     with pytest.raises(DataError, match="does not exist"):
         resolve_splits(tmp_path / "nowhere", cfg)

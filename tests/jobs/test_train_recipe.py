@@ -224,16 +224,16 @@ def test_one_home_for_the_optimiser_and_schedule():
 @pytest.mark.ray
 def test_the_driver_reads_each_shards_ids_once(ray_local, prepared_shapes, monkeypatch):
     """preflight plans the rows; the trainer's dataset reuses the plan instead of reading the shards again."""
-    from jobs import dataset
+    from jobs import dataset, shards
 
     reads: list[str] = []
-    real = dataset.pq.read_table
+    real = shards.pq.read_table
 
     def counting(path, *args, **kwargs):
         reads.append(str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(dataset.pq, "read_table", counting)
+    monkeypatch.setattr(shards.pq, "read_table", counting)
     cfg = load_config("debug", ["--data.val_split=missing", "--data.val_fraction=0.2"])
     checked = train.preflight(cfg, str(prepared_shapes))
     shards = dataset.shard_paths(prepared_shapes / "train")
