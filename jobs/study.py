@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,18 +39,58 @@ from model.config import ConfigError, parse_overrides
 
 EXIT_INVALID = 2
 
-# (K or None for the control, features, seeds: "main" = --seeds, else that many)
-FULL_ARMS: list[tuple[int | None, str, str | int]] = [
-    (None, "scratch", "main"),
-    (16, "scratch", "main"),
-    (16, "category", 1),
-    (16, "frozen", 1),
-    (1, "scratch", 1),
-    (4, "scratch", 1),
-    (64, "scratch", 1),
-    (None, "frozen", 1),
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm: K (None = the no-bottleneck control), features, seeds, and the overrides that make it a
+    variant of that recipe (decoder conditioning, training budget, plan-former depth)."""
+
+    k: int | None
+    features: str  # scratch | category | frozen
+    seeds: str | tuple[int, ...] = "main"  # "main" = range(--seeds)
+    variant: tuple[tuple[str, Any], ...] = ()
+
+
+FULL_ARMS = [
+    ArmSpec(None, "scratch"),
+    ArmSpec(16, "scratch"),
+    ArmSpec(16, "category", (0,)),
+    ArmSpec(16, "frozen", (0,)),
+    ArmSpec(1, "scratch", (0,)),
+    ArmSpec(4, "scratch", (0,)),
+    ArmSpec(64, "scratch", (0,)),
+    ArmSpec(None, "frozen", (0,)),
 ]
-QUICK_ARMS: list[tuple[int | None, str, str | int]] = [(None, "scratch", 1), (4, "scratch", 1), (4, "frozen", 1)]
+# The levers at the log's K that tell trainability from the plan former's capacity (run 2 of the
+# laptop study): the decoder's conditioning type, a deeper plan former, a second frozen seed ...
+LEVER_ARMS = [
+    ArmSpec(16, "scratch", (0,), (("model.conditioning", "gated"),)),
+    ArmSpec(16, "scratch", (0,), (("model.conditioning", "prefix_film"),)),
+    ArmSpec(16, "scratch", (0,), (("model.fusion_depth", 3), ("model.semantic_predictor_depth", 3))),
+    ArmSpec(16, "frozen", (1,)),
+]
+# ... and twice the training steps: does the plan climb toward the control with more steps?
+BUDGET_ARMS = [
+    ArmSpec(16, "scratch", (0,), (("train.epochs", 24),)),
+    ArmSpec(16, "frozen", (0,), (("train.epochs", 24),)),
+]
+# ... and the lever that moved the plan most in run 2 (the gated decoder) tested again: a second seed,
+# with frozen features, with twice the steps, and at K=64 (is the gated plan still flat across K?).
+GATED_ARMS = [
+    ArmSpec(16, "scratch", (0,), (("model.conditioning", "gated"), ("train.epochs", 24))),
+    ArmSpec(16, "scratch", (1,), (("model.conditioning", "gated"),)),
+    ArmSpec(16, "frozen", (0,), (("model.conditioning", "gated"),)),
+]
+GATED_K_ARMS = [ArmSpec(64, "scratch", (0,), (("model.conditioning", "gated"),))]
+QUICK_ARMS = [ArmSpec(None, "scratch", (0,)), ArmSpec(4, "scratch", (0,)), ArmSpec(4, "frozen", (0,))]
+ARM_SETS = {
+    "full": FULL_ARMS,
+    "levers": LEVER_ARMS,
+    "budget": BUDGET_ARMS,
+    "gated": GATED_ARMS,
+    "gated-k": GATED_K_ARMS,
+    "quick": QUICK_ARMS,
+}
 
 # The laptop study's model on a scenes set: the debug preset's shape, a bit wider and deeper.
 SCENES_MODEL = {
@@ -79,17 +120,18 @@ QUICK_MODEL = {
 }
 
 
-def arm_points(arms: Sequence[tuple[int | None, str, str | int]], seeds: int, vision_weights: str) -> list[dict]:
+def arm_points(arms: Sequence[ArmSpec], seeds: int, vision_weights: str) -> list[dict]:
     """Trial points (dotted config keys) for every arm and seed."""
     points = []
-    for k, features, n in arms:
-        for seed in range(seeds if n == "main" else int(n)):
-            point: dict[str, Any] = {"model.bottleneck": "none" if k is None else "plan"}
-            if k is not None:
-                point["model.num_latent_vectors"] = k
-            point["objective.category_weight"] = 1.0 if features == "category" else 0.0
-            point["model.vision_backbone"] = "frozen" if features == "frozen" else "scratch"
-            point["model.vision_weights"] = vision_weights if features == "frozen" else ""
+    for arm in arms:
+        for seed in range(seeds) if arm.seeds == "main" else arm.seeds:
+            point: dict[str, Any] = {"model.bottleneck": "none" if arm.k is None else "plan"}
+            if arm.k is not None:
+                point["model.num_latent_vectors"] = arm.k
+            point["objective.category_weight"] = 1.0 if arm.features == "category" else 0.0
+            point["model.vision_backbone"] = "frozen" if arm.features == "frozen" else "scratch"
+            point["model.vision_weights"] = vision_weights if arm.features == "frozen" else ""
+            point.update(arm.variant)
             point["train.seed"] = seed
             points.append(point)
     return points
@@ -169,15 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from jobs.runtime import ensure_ray
 
-    print(f"study: Ray: {ensure_ray()}")
+    try:
+        merged = [row for m in args.merge for row in merge_rows(m)]
+    except (OSError, ValueError) as exc:
+        print(f"study: --merge: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"study: Ray: {ensure_ray(args.cpus)}")
     vision = pretrain(args, space, base, out, Path(args.storage).resolve() / name)
-    arms = QUICK_ARMS if args.quick else FULL_ARMS
+    arms = ARM_SETS["quick" if args.quick else args.arms]
     points = arm_points(arms, 1 if args.quick else args.seeds, vision)
     trials, errors, notes = resolve(space, points, base)
     if errors:
         print("study: invalid trial points:\n  " + "\n  ".join(errors), file=sys.stderr)
         return EXIT_INVALID
-    space.grid = {k: [] for k in points[0]}  # the swept keys, for the sweep table's columns
+    space.grid = {k: [] for p in points for k in p}  # the swept keys, for the sweep table's columns
 
     from jobs import sweep
 
@@ -186,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_args.name, sweep_args.storage, sweep_args.metric = name, args.storage, metric
     sweep_args.mode = "max" if metric != "final_ce" else "min"
     sweep_args.scheduler = "fifo"  # every arm trains its whole budget: the study compares end points
-    sweep_args.trial_cpus, sweep_args.data_cpus = 1.0, 1.0
+    sweep_args.trial_cpus, sweep_args.data_cpus = args.trial_cpus, 1.0
     sweep_args.max_concurrent, sweep_args.eval_max_images = args.max_concurrent, args.eval_max_images
     code = sweep.run_sweep(sweep_args, space, trials, base, notes)
     experiment = Path(sweep._absolute_storage(args.storage)) / name
@@ -196,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code or 1
     rows = json.loads(rows_file.read_text())
     compo = score_compo(rows, args.data) if spec is not None else False
+    label = args.run_label or f"{name} {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
+    for row in rows:
+        row["study_run"] = label
+    compo = compo or any("compo_scene_bits_recovered_pct" in r for r in merged)
+    rows = merged + rows
 
     arms_summary = study_report.summarise(rows)
     verdict = study_report.verdict(arms_summary, metric)
@@ -211,6 +263,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"study: report in {out} ({runtime / 60:.1f} min)")
     print(f"study: verdict: {verdict.label}")
     return 0 if code == 0 else code
+
+
+def merge_rows(spec: str) -> list[dict[str, Any]]:
+    """`LABEL=PATH`: an earlier study's rows.json, each row tagged with the run it came from (rows that
+    already carry a `study_run` keep it), so one report can show arms from several runs honestly."""
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise ValueError(f"{spec!r}: expected LABEL=PATH/rows.json")
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: not a list of rows")
+    for row in rows:
+        row.setdefault("study_run", label)
+    return rows
 
 
 def spec_bits(data: str) -> float | None:
@@ -256,6 +322,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared root (a scenes set gets per-attribute scores)")
     p.add_argument("--quick", action="store_true", help="3 tiny trials, 1 epoch each: a smoke test")
     p.add_argument("--preset", default="debug", help="base preset (COCO on a cluster: seed_run2)")
+    p.add_argument("--arms", choices=sorted(ARM_SETS), default="full", help="which arms to run (see ARM_SETS)")
+    p.add_argument(
+        "--merge", action="append", default=[], help="LABEL=rows.json of an earlier study to report beside (repeat)"
+    )
+    p.add_argument("--run-label", default="", help="how this run's rows are named in the report")
+    p.add_argument("--cpus", type=int, default=None, help="logical CPUs of a local Ray instance (default 4)")
+    p.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs each trial's driver holds")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the main arms (the control and the K=16 plan)")
     p.add_argument("--pretrain-epochs", type=int, default=10, help="epochs of vision pretraining")
     p.add_argument("--vision-weights", default="", help="use this pretrained checkpoint instead of pretraining")

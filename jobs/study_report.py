@@ -8,17 +8,29 @@ shown. Features: "scratch" (captioning loss only, the log's recipe), "category" 
 on the pooled plan), "infonce" (+ InfoNCE), "frozen" (a pretrained vision encoder, frozen).
 
 The verdict (thresholds are module constants, printed in the report). S = the study's score
-(default: % of each image's bits the greedy caption recovers), control = the best no-bottleneck arm,
-plan@K = the scratch plan arm at the log's K (16), best@K = the best other-features arm at that K:
+(default: % of each image's bits the greedy caption recovers); control = the best no-bottleneck arm;
+plan@K = the standard scratch plan at the log's K (16). A *lever* is any other arm at that K: the same
+K x D plan on the wire, one thing changed: the objective (category / InfoNCE loss), the features
+(frozen pretrained), the decoder's conditioning, the training budget (+Nep), or the plan former's
+depth (+fusionN / +predN). A lever *closes* the gap when it is within CLOSED_GAP of its matched control
+(the no-bottleneck arm with the same features, else the best control); its *gain* is its score minus
+its base (the same arm at the standard budget for a +Nep arm, else plan@K). The scratch plan *rises*
+when S(K max) - S(K min) >= RISE.
 
-    feature-limited       control < CONTROL_FLOOR                              (nothing reads the image well)
-    not limited           control - plan@K <= NOT_LIMITED_GAP                  (the plan keeps up)
-    trainability-limited  best@K closes the gap to within CLOSED_GAP of the control, and the scratch
-                          plan is flat across K (max - min < RISE)
-    capacity-limited      the scratch plan rises with K (S(K max) - S(K min) >= RISE) and no
-                          other-features arm at K closes the gap
-    mixed / inconclusive  anything else (e.g. a better recipe closes the gap AND K matters), said so
-A gap or rise smaller than the largest seed spread seen is flagged as within seed noise.
+    feature-limited       control < CONTROL_FLOOR                          (nothing reads the image well)
+    not limited           control - plan@K <= NOT_LIMITED_GAP              (the plan keeps up)
+    mixed                 a lever closes the gap AND the plan rises with K
+    trainability-limited  a training lever (objective, features, conditioning, budget) closes the gap;
+                          the plan is flat across K
+    plan-former-limited   only a deeper plan former closes the gap (the wire is enough, the pooling that
+                          fills it is not); flat across K
+    capacity-limited      the plan rises with K and no lever closes the gap
+    trainability-limited (climbing, not closed)
+                          nothing closes, flat across K, and twice the steps gains >= CLIMB (beyond the
+                          seed spread) and more than any other lever: steps buy more than 64x the rows
+    inconclusive          anything else; the lever with the largest gain is named ("leaning ...") when
+                          it gains >= CLIMB beyond the seed spread
+A gap, rise or gain smaller than the largest seed spread seen is flagged as within seed noise.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ CONTROL_FLOOR = 50.0  # % of bits: below this, even reading every patch fails: t
 NOT_LIMITED_GAP = 5.0  # points: the plan at the log's K this close to the control is "not limited"
 CLOSED_GAP = 10.0  # points: an aux-objective / frozen arm this close to the control "closes the gap"
 RISE = 10.0  # points: the scratch plan's gain from the smallest to the largest K that counts as "rises"
+CLIMB = 10.0  # points: a lever's gain over its base that counts as "helps" (e.g. twice the steps)
 LOG_K = 16
 
 SCENE_ATTRS = ("count", "colour", "shape", "size", "position", "object")
@@ -49,11 +62,28 @@ def features_of(row: dict[str, Any]) -> str:
     return "scratch"
 
 
+# Swept keys that make an arm a variant of its recipe, and how its name shows them.
+VARIANT_KEYS = {
+    "model.conditioning": str,  # +gated, +prefix_film (the decoder's conditioning type)
+    "train.epochs": lambda v: f"{v}ep",  # +24ep (the training budget)
+    "model.fusion_depth": lambda v: f"fusion{v}",  # +fusion3 (plan-former depth)
+    "model.semantic_predictor_depth": lambda v: f"pred{v}",
+}
+
+
+def variant_of(row: dict[str, Any]) -> str:
+    """`+gated`, `+24ep`, `+fusion3+pred3`, or "" for the study's standard recipe."""
+    parts = [show(row[k]) for k, show in VARIANT_KEYS.items() if row.get(k) is not None]
+    if row.get("conditioning") not in (None, "cross_attn") and "model.conditioning" not in row:
+        parts.insert(0, str(row["conditioning"]))
+    return "".join(f"+{p}" for p in parts)
+
+
 def arm_of(row: dict[str, Any]) -> str:
-    """`K16/scratch`, `none/frozen`, ..."""
+    """`K16/scratch`, `none/frozen`, `K16/scratch+gated`, ..."""
     bottleneck = row.get("bottleneck") or row.get("model.bottleneck", "plan")
     where = "none" if bottleneck == "none" else f"K{row.get('K') or row.get('model.num_latent_vectors')}"
-    return f"{where}/{features_of(row)}"
+    return f"{where}/{features_of(row)}{variant_of(row)}"
 
 
 @dataclass
@@ -64,6 +94,7 @@ class Arm:
     features: str
     plan_bits: int  # on the wire: plan_len x D fp16 values x 16 bits
     rows: list[dict[str, Any]] = field(default_factory=list)
+    variant: str = ""  # "+gated", "+24ep", ... ("" = the study's standard recipe)
 
     def values(self, key: str) -> list[float]:
         return [float(r[key]) for r in self.rows if _finite(r.get(key))]
@@ -95,10 +126,39 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[Arm]:
                 None if bottleneck == "none" else int(row.get("K") or row.get("model.num_latent_vectors")),
                 features_of(row),
                 plan_len * int(row.get("embed_dim") or 0) * 16,
+                variant=variant_of(row),
             )
         arms[name].rows.append(row)
     order = {"scratch": 0, "category": 1, "infonce": 2, "frozen": 3}
-    return sorted(arms.values(), key=lambda a: (a.bottleneck == "plan", a.K or 0, order.get(a.features, 9)))
+    return sorted(arms.values(), key=lambda a: (a.bottleneck == "plan", a.K or 0, order.get(a.features, 9), a.variant))
+
+
+def lever_kinds(arm: Arm) -> list[str]:
+    """What an arm at the log's K changes against the standard scratch plan there."""
+    kinds = {"category": ["objective"], "infonce": ["objective"], "frozen": ["features"]}.get(arm.features, [])
+    for part in filter(None, arm.variant.split("+")):
+        if part.endswith("ep") and part[:-2].isdigit():
+            kinds.append("budget")
+        elif part.startswith(("fusion", "pred")):
+            kinds.append("plan former")
+        else:
+            kinds.append("conditioning")
+    return list(dict.fromkeys(kinds))
+
+
+TRAINING_LEVERS = ("objective", "features", "conditioning", "budget")
+
+
+@dataclass
+class Lever:
+    arm: str
+    kinds: list[str]
+    score: float
+    control: str  # the matched control
+    gap: float  # matched control - score
+    base: str  # what its gain is measured against
+    gain: float
+    closes: bool
 
 
 @dataclass
@@ -107,6 +167,28 @@ class Verdict:
     reasons: list[str]
     evidence: list[str]  # arm names the verdict rests on
     noise: float  # the largest seed spread of the score
+
+
+def levers(arms: Sequence[Arm], metric: str, k: int) -> list[Lever]:
+    """Every arm at K other than the standard scratch plan, against its matched control and its base."""
+    scored = {a.name: a.mean(metric) for a in arms if a.mean(metric) is not None}
+    controls = {a.name: scored[a.name] for a in arms if a.bottleneck == "none" and a.name in scored}
+    plan = f"K{k}/scratch"
+    out = []
+    for a in arms:
+        if a.bottleneck != "plan" or k != a.K or a.name == plan or a.name not in scored:
+            continue
+        matched = f"none/{a.features}" if f"none/{a.features}" in controls else max(controls, key=controls.get)
+        base = plan
+        budget = [p for p in a.variant.split("+") if p.endswith("ep") and p[:-2].isdigit()]
+        if budget:
+            base = a.name.replace(f"+{budget[0]}", "")
+        if base not in scored:
+            base = plan
+        s = scored[a.name]
+        gap = controls[matched] - s
+        out.append(Lever(a.name, lever_kinds(a), s, matched, gap, base, s - scored[base], gap <= CLOSED_GAP))
+    return out
 
 
 def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
@@ -119,7 +201,8 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
         return Verdict("inconclusive", ["no no-bottleneck control finished"], [], noise)
     control = max(controls, key=lambda a: scored[a.name])
     c = scored[control.name]
-    ks = sorted({a.K for a in arms if a.bottleneck == "plan" and a.features == "scratch" and a.name in scored})
+    standard = [a for a in arms if a.bottleneck == "plan" and a.features == "scratch" and not a.variant]
+    ks = sorted({a.K for a in standard if a.name in scored})
     k = log_k if log_k in ks else (min(ks, key=lambda x: abs(x - log_k)) if ks else None)
     if c < CONTROL_FLOOR:
         return Verdict(
@@ -134,6 +217,12 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
     p = scored[plan]
     gap = c - p
     reasons = [f"control {control.name} = {c:.1f}; {plan} = {p:.1f}; gap {gap:.1f} points"]
+    plan_arm = next(a for a in arms if a.name == plan)
+    if plan_arm.plan_bits >= control.plan_bits > 0:
+        reasons.append(
+            f"{plan} ships {plan_arm.plan_bits:,} bits on the wire, no fewer than the {control.plan_bits:,} "
+            "the control's decoder reads: the wire's size is not what it lacks"
+        )
     if gap <= NOT_LIMITED_GAP:
         reasons.append(f"gap <= NOT_LIMITED_GAP {NOT_LIMITED_GAP:g}")
         return Verdict("not limited", reasons, [control.name, plan], noise)
@@ -141,26 +230,50 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
     rise = scored[hi] - scored[lo]
     rises = len(ks) > 1 and rise >= RISE
     reasons.append(f"scratch plan {lo} -> {hi}: {scored[lo]:.1f} -> {scored[hi]:.1f} ({rise:+.1f}; RISE {RISE:g})")
-    others = [a for a in arms if a.bottleneck == "plan" and k == a.K and a.features != "scratch" and a.name in scored]
-    best = max(others, key=lambda a: scored[a.name]) if others else None
-    closes = best is not None and c - scored[best.name] <= CLOSED_GAP
-    if best is not None:
+    found = levers(arms, metric, k)
+    for lv in found:
         reasons.append(
-            f"best other features at K{k}: {best.name} = {scored[best.name]:.1f} "
-            f"({'closes' if closes else 'does not close'} the gap: CLOSED_GAP {CLOSED_GAP:g})"
+            f"lever {lv.arm} ({', '.join(lv.kinds)}) = {lv.score:.1f}: {lv.gap:.1f} below {lv.control} "
+            f"({'closes' if lv.closes else 'does not close'} the gap: CLOSED_GAP {CLOSED_GAP:g}); "
+            f"{lv.gain:+.1f} over {lv.base}"
         )
-    evidence = [control.name, plan, lo, hi] + ([best.name] if best else [])
+    closing = [lv for lv in found if lv.closes]
+    training = [lv for lv in closing if set(lv.kinds) <= set(TRAINING_LEVERS)]
+    former = [lv for lv in closing if "plan former" in lv.kinds]
+    best = max(found, key=lambda lv: lv.gain) if found else None
+    evidence = [control.name, plan, lo, hi] + [lv.arm for lv in closing] + ([best.arm] if best else [])
+    evidence += [lv.control for lv in closing] + ([best.control, best.base] if best else [])
+    evidence = list(dict.fromkeys(evidence))
     if noise and (gap <= noise or (rises and rise <= noise)):
         reasons.append(f"warning: a deciding difference is within the seed spread ({noise:.1f} points)")
-    evidence = list(dict.fromkeys(evidence))
-    if closes and not rises:
-        return Verdict("trainability-limited", reasons, evidence, noise)
-    if rises and not closes:
-        return Verdict("capacity-limited", reasons, evidence, noise)
-    if closes and rises:
-        reasons.append("a better recipe closes the gap at the same K, and K also matters: mostly trainability")
+    if closing and rises:
+        reasons.append("a lever closes the gap at the same K, and K also matters: mostly trainability")
         return Verdict("mixed (trainability first)", reasons, evidence, noise)
-    reasons.append("the plan is low and flat across K, and no other features close the gap at this budget")
+    if training:
+        reasons.append(f"closed at the same K x D by training alone: {', '.join(lv.arm for lv in training)}")
+        return Verdict("trainability-limited", reasons, evidence, noise)
+    if former:
+        reasons.append("closed at the same K x D only by a deeper plan former: the pooling, not the wire")
+        return Verdict("plan-former-limited", reasons, evidence, noise)
+    if rises:
+        return Verdict("capacity-limited", reasons, evidence, noise)
+    helps = best is not None and best.gain >= CLIMB and best.gain > noise
+    if helps and "budget" in best.kinds:
+        reasons.append(
+            f"nothing closes the gap; twice the steps gains {best.gain:+.1f} (>= CLIMB {CLIMB:g}, beyond the seed "
+            f"spread {noise:.1f}) where {ks[-1] // max(ks[0], 1)}x the plan rows gains {rise:+.1f}"
+        )
+        return Verdict("trainability-limited (climbing, not closed)", reasons, evidence, noise)
+    reasons.append("the plan is low and flat across K, and no lever closes the gap at this budget")
+    if helps:
+        return Verdict(
+            f"inconclusive (leaning {best.kinds[-1]}: {best.arm} {best.gain:+.1f})", reasons, evidence, noise
+        )
+    if best is not None:
+        reasons.append(
+            f"largest lever gain {best.arm} {best.gain:+.1f}: below CLIMB {CLIMB:g} or within the seed spread "
+            f"{noise:.1f}"
+        )
     return Verdict("inconclusive", reasons, evidence, noise)
 
 
@@ -203,23 +316,77 @@ def markdown(arms: Sequence[Arm], v: Verdict, *, metric: str, header: Sequence[s
     lines += [f"- evidence rows: {', '.join(f'`{e}`' for e in v.evidence) or '-'}"]
     lines += [f"- largest seed spread of `{metric}`: {v.noise:.1f} points (± is half the spread over seeds)", ""]
     lines += ["## Arms", "", *arm_table(arms, metric, compo), ""]
+    runs = sorted({str(r["study_run"]) for a in arms for r in a.rows if r.get("study_run")})
+    if runs:
+        lines += ["## Where each row came from", "", "| run | arms (seeds) |", "|---|---|"]
+        for run in runs:
+            mine = [(a.name, sum(r.get("study_run") == run for r in a.rows)) for a in arms]
+            lines.append(f"| {run} | " + ", ".join(f"`{n}` ({c})" for n, c in mine if c) + " |")
+        lines.append("")
     lines += [
         "## Rules",
         "",
         f"Thresholds: CONTROL_FLOOR = {CONTROL_FLOOR:g}, NOT_LIMITED_GAP = {NOT_LIMITED_GAP:g}, "
-        f"CLOSED_GAP = {CLOSED_GAP:g}, RISE = {RISE:g} (points of `{metric}`); the log's K = {LOG_K}.",
+        f"CLOSED_GAP = {CLOSED_GAP:g}, RISE = {RISE:g}, CLIMB = {CLIMB:g} (points of `{metric}`); "
+        f"the log's K = {LOG_K}.",
+        "",
+        "A lever is an arm at the log's K that changes one thing against the standard scratch plan there "
+        "(objective, frozen features, decoder conditioning, +Nep training budget, plan-former depth): the same "
+        "K x D on the wire. It closes the gap when it is within CLOSED_GAP of its matched control (the "
+        "no-bottleneck arm with the same features, else the best control); its gain is measured against its "
+        "base (the same arm at the standard budget for a +Nep arm, else the standard scratch plan).",
         "",
         "- feature-limited: the best no-bottleneck control < CONTROL_FLOOR.",
         "- not limited: control - scratch plan at K <= NOT_LIMITED_GAP.",
-        "- trainability-limited: an aux-objective or frozen-features arm at K is within CLOSED_GAP of the control "
-        "and the scratch plan rises by < RISE from the smallest to the largest K.",
-        "- capacity-limited: the scratch plan rises by >= RISE with K and no other arm at K closes the gap.",
-        "- otherwise mixed / inconclusive (stated).",
+        "- mixed: a lever closes the gap and the scratch plan rises by >= RISE from the smallest to the largest K.",
+        "- trainability-limited: a training lever (objective, features, conditioning, budget) closes the gap and "
+        "the plan is flat across K.",
+        "- plan-former-limited: only a deeper plan former closes the gap (flat across K).",
+        "- capacity-limited: the scratch plan rises by >= RISE with K and no lever closes the gap.",
+        "- trainability-limited (climbing, not closed): nothing closes, flat across K, and the lever with the "
+        "largest gain is a longer budget gaining >= CLIMB beyond the seed spread.",
+        "- otherwise inconclusive; `leaning X` names the lever kind with the largest gain when it gains >= CLIMB "
+        "beyond the seed spread.",
         "",
         "Plan bits on the wire: plan rows x D x 16 (fp16). Bits recovered: the information of the attributes the "
         "greedy caption names right (jobs/scene_metrics.py). Collapse columns as in the research log.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild a report from rows.json (e.g. rows merged from several study runs): report, verdict, plots."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m jobs.study_report", description=main.__doc__)
+    p.add_argument("--rows", required=True, help="rows.json written by python -m jobs.study")
+    p.add_argument("--out", required=True, help="folder for report.md, verdict.txt, rows.json and the plots")
+    p.add_argument("--header", default="", help="a Markdown file of header lines (commands, runtimes, machine)")
+    p.add_argument("--metric", default="scene_bits_recovered_pct")
+    p.add_argument("--bits-per-image", type=float, default=None, help="the data's bits per image, for the plot")
+    args = p.parse_args(argv)
+    try:
+        rows = json.loads(Path(args.rows).read_text())
+        header = Path(args.header).read_text().splitlines() if args.header else []
+    except (OSError, ValueError) as exc:
+        print(f"study_report: {exc}")
+        return 2
+    if not isinstance(rows, list) or not rows:
+        print(f"study_report: {args.rows}: expected a non-empty list of rows")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arms = summarise(rows)
+    v = verdict(arms, args.metric)
+    compo = any("compo_scene_bits_recovered_pct" in r for r in rows)
+    (out / "report.md").write_text(markdown(arms, v, metric=args.metric, header=header, compo=compo))
+    (out / "verdict.txt").write_text(f"{v.label}\n" + "\n".join(v.reasons) + "\n")
+    if Path(args.rows).resolve() != (out / "rows.json").resolve():
+        (out / "rows.json").write_text(json.dumps(rows, indent=2, sort_keys=True, default=str) + "\n")
+    plots(out, arms, args.metric, args.bits_per_image)
+    print(f"study_report: {out / 'report.md'}; verdict: {v.label}")
+    return 0
 
 
 def plots(folder: Path, arms: Sequence[Arm], metric: str, bits_per_image: float | None) -> list[Path]:
@@ -275,3 +442,7 @@ def plots(folder: Path, arms: Sequence[Arm], metric: str, bits_per_image: float 
         fig.savefig(out[-1])
         plt.close(fig)
     return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

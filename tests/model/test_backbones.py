@@ -1,8 +1,8 @@
 """timm backbones as model.vision_model: build, weights from a local file, checkpoint -> serve halves -> codec.
 
-timm is an optional extra (`pip install '.[timm]'`); without it these tests skip, except the ones that check
-the clear error and the config plumbing. A tiny timm ViT/CNN at random init stands in for a pretrained one:
-no downloads.
+timm is an optional extra (`pip install '.[timm]'`); without it these tests skip (TIMM_SKIP says why it is
+absent on the CPU test machine), except the ones that check the clear error and the config plumbing.
+A tiny timm ViT/CNN at random init stands in for a pretrained one: no downloads.
 """
 
 from __future__ import annotations
@@ -41,9 +41,27 @@ def test_missing_timm_is_a_clear_error():
         pytest.skip("timm is installed: the error path is not reachable")
 
 
+# Why the two timm tests skip on the CPU test machine (checked 2026-11-30 with timm 1.0.31, torchvision 0.28.0).
+TIMM_SKIP = (
+    "timm not importable: timm hard-imports torchvision; PyPI's torchvision 0.28.0 is built against the CUDA "
+    "torch 2.13 and fails beside this CPU torch 2.13.0+cpu ('operator torchvision::nms does not exist'), and "
+    "the only working torchvision needs a CUDA torch build, which this CPU machine must never install. "
+    "On a cluster/GPU image: pip install -c constraints.txt '.[timm]' (README, 'timm backbones')"
+)
+
+
+def _timm():
+    """The timm module, or a skip with TIMM_SKIP (absent, or installed beside a torchvision that cannot load)."""
+    try:
+        import timm
+    except (ImportError, RuntimeError):
+        pytest.skip(TIMM_SKIP)
+    return timm
+
+
 @pytest.fixture
 def timm_vit_file(tmp_path):
-    timm = pytest.importorskip("timm")
+    timm = _timm()
     from safetensors.torch import save_file
 
     # A tiny ViT at random init, saved as a local "pretrained" file (the model name decides the architecture).
@@ -99,7 +117,7 @@ def test_timm_backbone_loads_local_weights_and_round_trips(timm_vit_file, tmp_pa
 
 
 def test_timm_cnn_feature_map_becomes_patch_rows():
-    pytest.importorskip("timm")
+    _timm()
     from model.model import build_model
 
     cfg = load_config("debug", {**TINY, "model.vision_model": "timm:resnet18"})
