@@ -174,7 +174,7 @@ def prepare(
 
     from jobs import console
 
-    coco_root, out = Path(coco_root).resolve(), Path(out).resolve()
+    coco_root, out = Path(coco_root).resolve(), _local_out(out)
     image_dir = coco_root / split
     ann = load_annotations(coco_root, split, limit=limit)
     if not image_dir.is_dir():
@@ -296,11 +296,27 @@ def _versions() -> dict[str, str]:
 # Command line
 
 
+def _local_out(out: str | Path) -> Path:
+    """The output folder as a local path (file:// URIs too). Object stores have no atomic rename, which the
+    partial-folder swap relies on: prepare onto a local or mounted folder and copy the result up once."""
+    from jobs.storage import resolve
+
+    text = str(out)
+    if "://" in text and not text.startswith("file://"):
+        raise PrepareError(
+            f"--out {text}: prepare writes a local or mounted folder; prepare there, then copy it to the bucket "
+            "(e.g. `aws s3 sync OUT s3://bucket/prefix`); jobs.train, jobs.sweep and jobs.evaluate read the URI"
+        )
+    return Path(resolve(text).path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco-root", type=Path, required=True, help="folder with annotations/ and the image folders")
     parser.add_argument("--split", required=True, help="e.g. train2017; reads captions_SPLIT.json and SPLIT/")
-    parser.add_argument("--out", type=Path, required=True, help="prepared root; this split goes to OUT/SPLIT/")
+    parser.add_argument(
+        "--out", required=True, help="prepared root (a folder or file:// URI); the split goes to OUT/SPLIT/"
+    )
     parser.add_argument("--image-size", type=int, default=256, help="stored side in pixels (training resizes further)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images by id")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip images above this many pixels")
@@ -339,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     reasons = ", ".join(f"{k}={v}" for k, v in manifest["skipped_by_reason"].items()) or "none"
     print(
-        f"prepare: {manifest['images']} images, {manifest['captions']} captions -> {args.out / args.split} "
+        f"prepare: {manifest['images']} images, {manifest['captions']} captions -> {args.out.rstrip('/')}/{args.split} "
         f"({len(manifest['shards'])} shards); skipped {len(manifest['skipped'])} ({reasons}); "
         f"{manifest['captions_dropped']} empty captions dropped"
     )

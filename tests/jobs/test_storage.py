@@ -112,3 +112,13 @@ def test_train_dataset_reads_through_another_filesystem(ray_local, prepared_shap
     assert len(rows["subtree"]["image_id"]) == 180
     for key in rows["local"]:
         np.testing.assert_array_equal(rows["subtree"][key], rows["local"][key])
+
+
+def test_prepare_writes_local_folders_and_names_the_copy_step(tmp_path, monkeypatch, capsys):
+    from jobs import prepare
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--coco-root", str(tmp_path / "coco"), "--split", "train"]
+    assert prepare.main([*argv, "--out", "s3://bucket/coco-prepared"]) == 2
+    assert "prepare writes a local or mounted folder" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists()  # the URI is not taken for a relative local path
