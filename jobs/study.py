@@ -81,14 +81,19 @@ GATED_ARMS = [
     ArmSpec(16, "scratch", (1,), (("model.conditioning", "gated"),)),
     ArmSpec(16, "frozen", (0,), (("model.conditioning", "gated"),)),
 ]
-GATED_K_ARMS = [ArmSpec(64, "scratch", (0,), (("model.conditioning", "gated"),))]
+# The follow-up: the frozen control at the doubled budget (the matched control of K16/frozen+24ep), and
+# the gated plan at K=64.
+FOLLOWUP_ARMS = [
+    ArmSpec(None, "frozen", (0,), (("train.epochs", 24),)),
+    ArmSpec(64, "scratch", (0,), (("model.conditioning", "gated"),)),
+]
 QUICK_ARMS = [ArmSpec(None, "scratch", (0,)), ArmSpec(4, "scratch", (0,)), ArmSpec(4, "frozen", (0,))]
 ARM_SETS = {
     "full": FULL_ARMS,
     "levers": LEVER_ARMS,
     "budget": BUDGET_ARMS,
     "gated": GATED_ARMS,
-    "gated-k": GATED_K_ARMS,
+    "followup": FOLLOWUP_ARMS,
     "quick": QUICK_ARMS,
 }
 
@@ -227,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     space.grid = {k: [] for p in points for k in p}  # the swept keys, for the sweep table's columns
 
     from jobs import sweep
+    from jobs.storage import storage_uri
 
     # jobs.sweep's own defaults (whatever options it grows), then the study's choices.
     sweep_args = sweep._parser().parse_args(["--space", "study", "--data", args.data])
@@ -236,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_args.trial_cpus, sweep_args.data_cpus = args.trial_cpus, 1.0
     sweep_args.max_concurrent, sweep_args.eval_max_images = args.max_concurrent, args.eval_max_images
     code = sweep.run_sweep(sweep_args, space, trials, base, notes)
-    experiment = Path(sweep._absolute_storage(args.storage)) / name
+    experiment = Path(storage_uri(args.storage)) / name  # where jobs.sweep put the trials and its rows
     rows_file = experiment / "report" / "rows.json"
     if not rows_file.is_file():
         print(f"study: the sweep wrote no rows ({rows_file})", file=sys.stderr)
