@@ -8,6 +8,11 @@
    app args, replicas and queues): one configuration, whether started here or by `serve run`;
 4. captions the held-out image over HTTP and prints the caption, the plan size and per-stage timings;
 5. prints the curl commands for the routes; with --keep it stays up until Ctrl-C, else it shuts down.
+
+The request timeout it prints is the running proxy's own (asked of the proxy actor), so a Serve that was
+already running with other HTTP options (serve.start then keeps them) is reported, not papered over.
+On exit a local instance started here is stopped whole (`ray.shutdown()`, Serve with it); on a joined
+cluster only this app is deleted, since that cluster's Serve may host other applications.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serve.demo: held-out image {image_path} not found (pass --image PATH)", file=sys.stderr)
         return 2
 
+    import ray
     from ray import serve
 
     from jobs import console
@@ -64,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = shipped_config(model=model, mlflow_tracking_uri=run.get("tracking_uri"))
     http_options = {**config.http_options}
     http_options.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    # ensure_ray starts a local instance unless it joins $RAY_ADDRESS or a Ray already connected here.
+    owns_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS", "").strip()
     print(f"== starting Ray: {ensure_ray(resources=local_resources(config.app_args))}")
     host = http_options.get("host", "127.0.0.1")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_options.get('port', 8000)}"
@@ -83,12 +91,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_info = result["model"]
         print(f"model:          {model_info['name']} v{model_info['version']} ({model_info['fingerprint']})")
         print(f"timings (ms):   {result['timings_ms']}")
+        report_proxy_timeout(config.http_options.get("request_timeout_s"))
         print_usage(url, image_path, api_key, keep=args.keep)
         if args.keep:
             wait_for_ctrl_c()
     finally:
-        serve.shutdown()
+        # serve.shutdown() waits on a controller call that ends by the controller killing itself, and Ray
+        # reports that pending call as "(raylet) Task ServeController.graceful_shutdown failed" on the
+        # console; stopping our own instance takes Serve down with it, without that line.
+        if owns_ray:
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
     return 0
+
+
+def proxy_request_timeouts() -> list[float | None]:
+    """request_timeout_s of every running Serve HTTP proxy, as each proxy actor holds it (None: no timeout)."""
+    import ray
+    from ray.serve._private.constants import SERVE_PROXY_NAME
+
+    proxies = [
+        ray.get_actor(actor["name"], namespace=actor["namespace"])
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(SERVE_PROXY_NAME)
+    ]
+    return [ray.get(proxy._get_http_options.remote(), timeout=30).request_timeout_s for proxy in proxies]
+
+
+def report_proxy_timeout(configured: float | None) -> None:
+    """Print the proxies' request timeout next to serve/config.yaml's; say so on stderr when they differ."""
+
+    def shown(t: float | None) -> str:
+        return "none" if t is None else f"{t:g} s"
+
+    running = set(proxy_request_timeouts())
+    print(f"proxy timeout:  {', '.join(sorted(map(shown, running))) or 'no proxy'} (config: {shown(configured)})")
+    if running != {configured}:
+        print(
+            "serve.demo: the running Serve proxy does not use serve/config.yaml's request timeout; Serve was "
+            "probably already running with other HTTP options (restart it to apply the config)",
+            file=sys.stderr,
+        )
 
 
 def local_resources(app_args: dict[str, Any]) -> dict[str, float]:

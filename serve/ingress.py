@@ -9,7 +9,8 @@
 Every failure is an `ApiError` (or a framework error given the same shape) with a precise status and a JSON
 body `{"error": code, "detail": message}` (serve/errors.py); the ingress and both deployments keep serving
 afterwards. Overload is shed here, not in the proxy (whose own 503 is plain text): at most
-`max_inflight_requests` model requests per ingress replica, the rest get 503 + Retry-After at once. A model
+`max_inflight_requests` model requests per ingress replica, the rest get 503 at once, with a Retry-After of
+the recent time an admitted request takes (serve/admission.py). A model
 replica that dies mid-request is retried once on another replica (encoding and decoding are idempotent),
 then answered with 503 + Retry-After.
 """
@@ -23,7 +24,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,6 +38,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve import errors, page
+from serve.admission import Admission
 from serve.bodies import multipart_file, read_body
 from serve.deployments import MAX_TEMPERATURE, Rejected
 from serve.errors import ApiError, retry_after
@@ -184,7 +186,7 @@ class Ingress:
         # An empty string means "no key" as well, so a blank env var cannot lock everyone out by accident.
         self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV) or None
         self._model: dict[str, Any] | None = None
-        self._inflight = 0  # model requests admitted and not yet answered (one event loop: no lock needed)
+        self.admission = Admission(self.settings.max_inflight_requests, self.settings.retry_after_s)
 
     # ------------------------------------------------------------------ routes
 
@@ -221,7 +223,7 @@ class Ingress:
         """An image (raw body or multipart field `file`) -> caption, plan size, model and per-stage timings."""
         start = time.perf_counter()
         self._authorize(credentials)
-        with self._slot():
+        with self.admission.slot():
             info, max_new_tokens = await self._limits(max_new_tokens)
             image = await self._read_image(request)
             t0 = time.perf_counter()
@@ -251,7 +253,7 @@ class Ingress:
     async def encode(self, request: Request, credentials: Credentials) -> Response:
         """An image -> its latent plan (header + K x D payload), ready to ship to any decoder of the same model."""
         self._authorize(credentials)
-        with self._slot():
+        with self.admission.slot():
             image = await self._read_image(request)
             plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
         return Response(content=plan, media_type=PLAN_MEDIA_TYPE, headers={"X-Plan-Bytes": str(len(plan))})
@@ -270,7 +272,7 @@ class Ingress:
         content_type = _media_type(request)
         if content_type not in (PLAN_MEDIA_TYPE, ""):
             raise ApiError(415, "unsupported_media_type", f"plans are sent as {PLAN_MEDIA_TYPE}, got {content_type}")
-        with self._slot():
+        with self.admission.slot():
             info, max_new_tokens = await self._limits(max_new_tokens)
             plan = await self._read_body(request)
             if not plan:
@@ -295,19 +297,6 @@ class Ingress:
         # Constant-time comparison: the key is a secret, response timing must not leak its prefix.
         if not hmac.compare_digest(credentials.credentials.encode(), self.api_key.encode()):
             raise ApiError(401, "unauthorized", "invalid API key", _CHALLENGE)
-
-    @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
-        """Admission: a model request runs only while fewer than max_inflight_requests do; else 503 at once."""
-        limit = self.settings.max_inflight_requests
-        if self._inflight >= limit:
-            detail = f"at capacity ({limit} requests in progress); retry after the Retry-After delay"
-            raise ApiError(503, "overloaded", detail, retry_after(self.settings.retry_after_s))
-        self._inflight += 1
-        try:
-            yield
-        finally:
-            self._inflight -= 1
 
     async def _limits(self, max_new_tokens: int | None) -> tuple[dict[str, Any], int]:
         """The model info and the length limit checked against the model's."""

@@ -19,6 +19,7 @@ from model.codec import HEADER_SIZE, plan_nbytes
 from model.generation import caption_images
 from model.tokenizer import ByteTokenizer
 from model.transform import ImageTransform
+from serve.app import shipped_config
 from tests.serve.conftest import ServeFixtures, free_port, register_in_mlflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,9 +64,17 @@ def test_serve_demo_captions_the_held_out_image_over_http(serve_fixtures: ServeF
     assert lines["plan size"].startswith(f"{HEADER_SIZE + plan_nbytes(cfg.plan_len, cfg.embed_dim, 'fp16')} bytes")
     assert lines["model"].startswith("demo-captioner v1 (") and serve_fixtures.model.fingerprint in lines["model"]
     assert f"http://127.0.0.1:{port}/v1/caption" in proc.stdout  # the curl lines name the address it served on
+    # One configuration everywhere: the running proxy (asked by the demo) has serve/config.yaml's request
+    # timeout; a demo that started Serve without it would print "none" here.
+    timeout_s = shipped_config().http_options["request_timeout_s"]
+    assert lines["proxy timeout"] == f"{timeout_s:g} s (config: {timeout_s:g} s)", lines["proxy timeout"]
     # What a person sees by default: a short transcript; Ray's and Serve's own lines go to the printed log file.
     assert len((proc.stdout + proc.stderr).splitlines()) < 40, proc.stdout + proc.stderr
     assert "INFO" not in proc.stdout + proc.stderr
+    # It ends cleanly: serve.shutdown() on the way out made Ray print
+    # "(raylet) Task ServeController.graceful_shutdown failed ..." as the transcript's last line.
+    assert "graceful_shutdown" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("to keep it running:"), proc.stdout[-500:]
     log_file = next((tmp_path / "logs").glob("serve-demo-*.log"))
     assert f"log: {log_file}" in proc.stdout and "is ready at" in log_file.read_text()
 

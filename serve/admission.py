@@ -1,0 +1,51 @@
+"""Admission for the ingress: at most `limit` model requests in progress per replica; the rest shed at once.
+
+A shed request gets 503 with a Retry-After of how long an admitted request has recently spent in its slot.
+By Little's law that time is what the work in progress needs to turn over (in flight / completion rate),
+so clients told to come back then find free slots; a fixed "1 s" sends a burst straight back into a
+queue that takes longer than that to clear. The configured `retry_after_s` is the floor, MAX_RETRY_AFTER_S
+the ceiling. Time in the slot is measured per request, so idle periods do not distort it (a rate
+measured over recent completions would read an idle hour as a slow service).
+
+One instance per ingress replica, used from its single event loop: no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+
+from serve.errors import ApiError, retry_after
+
+MAX_RETRY_AFTER_S = 30.0
+SMOOTHING = 0.2  # weight of the newest request in the moving average of time in the slot
+
+
+class Admission:
+    """Counts admitted model requests; `slot()` admits one or raises a 503 ApiError with Retry-After."""
+
+    def __init__(self, limit: int, retry_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.floor_s, self._clock = limit, retry_after_s, clock
+        self.inflight = 0
+        self.slot_s: float | None = None  # moving average of an admitted request's time in its slot
+
+    def retry_after_s(self) -> float:
+        """The Retry-After for a request shed now: recent time in the slot, within [floor, ceiling]."""
+        return min(MAX_RETRY_AFTER_S, max(self.floor_s, self.slot_s or 0.0))
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.inflight >= self.limit:
+            wait = self.retry_after_s()
+            detail = f"at capacity ({self.limit} requests in progress); retry in {math.ceil(wait)} s"
+            raise ApiError(503, "overloaded", detail, retry_after(wait))
+        self.inflight += 1
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            took = self._clock() - start
+            self.slot_s = took if self.slot_s is None else (1 - SMOOTHING) * self.slot_s + SMOOTHING * took
