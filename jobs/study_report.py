@@ -8,12 +8,14 @@ shown. Features: "scratch" (captioning loss only, the log's recipe), "category" 
 on the pooled plan), "infonce" (+ InfoNCE), "frozen" (a pretrained vision encoder, frozen).
 
 The verdict (thresholds are module constants, printed in the report). S = the study's score
-(default: % of each image's bits the greedy caption recovers); control = the best no-bottleneck arm;
+(default: % of each image's bits the greedy caption recovers); control = the best no-bottleneck arm at
+the standard recipe;
 plan@K = the standard scratch plan at the log's K (16). A *lever* is any other arm at that K: the same
 K x D plan on the wire, one thing changed: the objective (category / InfoNCE loss), the features
 (frozen pretrained), the decoder's conditioning, the training budget (+Nep), or the plan former's
 depth (+fusionN / +predN). A lever *closes* the gap when it is within CLOSED_GAP of its matched control
-(the no-bottleneck arm with the same features, else the best control); its *gain* is its score minus
+(the no-bottleneck arm with the same features at the same budget, else at the standard budget, else the
+best control); its *gain* is its score minus
 its base (the same arm at the standard budget for a +Nep arm, else plan@K). The scratch plan *rises*
 when S(K max) - S(K min) >= RISE.
 
@@ -26,8 +28,8 @@ when S(K max) - S(K min) >= RISE.
                           fills it is not); flat across K
     capacity-limited      the plan rises with K and no lever closes the gap
     trainability-limited (climbing, not closed)
-                          nothing closes, flat across K, and twice the steps gains >= CLIMB (beyond the
-                          seed spread) and more than any other lever: steps buy more than 64x the rows
+                          nothing closes, flat across K, and every +Nep arm gains >= CLIMB over the same
+                          recipe at the standard budget (beyond the seed spread): steps help, rows do not
     inconclusive          anything else; the lever with the largest gain is named ("leaning ...") when
                           it gains >= CLIMB beyond the seed spread
 A gap, rise or gain smaller than the largest seed spread seen is flagged as within seed noise.
@@ -169,6 +171,12 @@ class Verdict:
     noise: float  # the largest seed spread of the score
 
 
+def best_control(controls: dict[str, float]) -> str:
+    """The best no-bottleneck arm at the standard recipe (no variant), else the best of all."""
+    standard = {name: v for name, v in controls.items() if "+" not in name}
+    return max(standard or controls, key=(standard or controls).get)
+
+
 def levers(arms: Sequence[Arm], metric: str, k: int) -> list[Lever]:
     """Every arm at K other than the standard scratch plan, against its matched control and its base."""
     scored = {a.name: a.mean(metric) for a in arms if a.mean(metric) is not None}
@@ -178,9 +186,11 @@ def levers(arms: Sequence[Arm], metric: str, k: int) -> list[Lever]:
     for a in arms:
         if a.bottleneck != "plan" or k != a.K or a.name == plan or a.name not in scored:
             continue
-        matched = f"none/{a.features}" if f"none/{a.features}" in controls else max(controls, key=controls.get)
-        base = plan
         budget = [p for p in a.variant.split("+") if p.endswith("ep") and p[:-2].isdigit()]
+        # The control with the same features at the same budget, else at the standard one, else the best.
+        same = [f"none/{a.features}+{budget[0]}"] if budget else []
+        matched = next((c for c in [*same, f"none/{a.features}"] if c in controls), best_control(controls))
+        base = plan
         if budget:
             base = a.name.replace(f"+{budget[0]}", "")
         if base not in scored:
@@ -199,7 +209,8 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
     controls = [a for a in arms if a.bottleneck == "none" and a.name in scored]
     if not controls:
         return Verdict("inconclusive", ["no no-bottleneck control finished"], [], noise)
-    control = max(controls, key=lambda a: scored[a.name])
+    name = best_control({a.name: scored[a.name] for a in controls})
+    control = next(a for a in controls if a.name == name)
     c = scored[control.name]
     standard = [a for a in arms if a.bottleneck == "plan" and a.features == "scratch" and not a.variant]
     ks = sorted({a.K for a in standard if a.name in scored})
@@ -236,6 +247,7 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
             f"lever {lv.arm} ({', '.join(lv.kinds)}) = {lv.score:.1f}: {lv.gap:.1f} below {lv.control} "
             f"({'closes' if lv.closes else 'does not close'} the gap: CLOSED_GAP {CLOSED_GAP:g}); "
             f"{lv.gain:+.1f} over {lv.base}"
+            + ("; no control ran at this budget" if "budget" in lv.kinds and "ep" not in lv.control else "")
         )
     closing = [lv for lv in found if lv.closes]
     training = [lv for lv in closing if set(lv.kinds) <= set(TRAINING_LEVERS)]
@@ -258,11 +270,14 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
     if rises:
         return Verdict("capacity-limited", reasons, evidence, noise)
     helps = best is not None and best.gain >= CLIMB and best.gain > noise
-    if helps and "budget" in best.kinds:
+    budget = [lv for lv in found if "budget" in lv.kinds]
+    if budget and all(lv.gain >= CLIMB and lv.gain > noise for lv in budget):
+        gains = ", ".join(f"{lv.arm} {lv.gain:+.1f} over {lv.base}" for lv in budget)
         reasons.append(
-            f"nothing closes the gap; twice the steps gains {best.gain:+.1f} (>= CLIMB {CLIMB:g}, beyond the seed "
-            f"spread {noise:.1f}) where {ks[-1] // max(ks[0], 1)}x the plan rows gains {rise:+.1f}"
+            f"nothing closes the gap; more steps lift every recipe tried ({gains}: >= CLIMB {CLIMB:g}, beyond the "
+            f"seed spread {noise:.1f}) where {ks[-1] // max(ks[0], 1)}x the plan rows gains {rise:+.1f}"
         )
+        evidence = list(dict.fromkeys([*evidence, *(x for lv in budget for x in (lv.arm, lv.base))]))
         return Verdict("trainability-limited (climbing, not closed)", reasons, evidence, noise)
     reasons.append("the plan is low and flat across K, and no lever closes the gap at this budget")
     if helps:
@@ -333,7 +348,8 @@ def markdown(arms: Sequence[Arm], v: Verdict, *, metric: str, header: Sequence[s
         "A lever is an arm at the log's K that changes one thing against the standard scratch plan there "
         "(objective, frozen features, decoder conditioning, +Nep training budget, plan-former depth): the same "
         "K x D on the wire. It closes the gap when it is within CLOSED_GAP of its matched control (the "
-        "no-bottleneck arm with the same features, else the best control); its gain is measured against its "
+        "no-bottleneck arm with the same features at the same budget, else at the standard budget, else the best "
+        "control); its gain is measured against its "
         "base (the same arm at the standard budget for a +Nep arm, else the standard scratch plan).",
         "",
         "- feature-limited: the best no-bottleneck control < CONTROL_FLOOR.",
@@ -343,8 +359,8 @@ def markdown(arms: Sequence[Arm], v: Verdict, *, metric: str, header: Sequence[s
         "the plan is flat across K.",
         "- plan-former-limited: only a deeper plan former closes the gap (flat across K).",
         "- capacity-limited: the scratch plan rises by >= RISE with K and no lever closes the gap.",
-        "- trainability-limited (climbing, not closed): nothing closes, flat across K, and the lever with the "
-        "largest gain is a longer budget gaining >= CLIMB beyond the seed spread.",
+        "- trainability-limited (climbing, not closed): nothing closes, flat across K, and every +Nep arm gains "
+        ">= CLIMB (beyond the seed spread) over the same recipe at the standard budget.",
         "- otherwise inconclusive; `leaning X` names the lever kind with the largest gain when it gains >= CLIMB "
         "beyond the seed spread.",
         "",
