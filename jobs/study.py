@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms_summary = study_report.summarise(rows)
     verdict = study_report.verdict(arms_summary, metric)
     runtime = time.perf_counter() - started
-    header = _header(args, argv, spec, runtime, len(rows))
+    header = _header(args, argv, spec, runtime, len(rows) - len(merged), len(merged))
     md = study_report.markdown(arms_summary, verdict, metric=metric, header=header, compo=compo)
     (out / "report.md").write_text(md)
     (out / "rows.json").write_text(json.dumps(rows, indent=2, sort_keys=True, default=str) + "\n")
@@ -290,13 +290,17 @@ def spec_bits(data: str) -> float | None:
     return json.loads(path.read_text())["bits_per_image"] if path.is_file() else None
 
 
-def _header(args: argparse.Namespace, argv: Sequence[str] | None, spec: Any, runtime: float, n: int) -> list[str]:
+def _header(
+    args: argparse.Namespace, argv: Sequence[str] | None, spec: Any, runtime: float, n: int, merged: int
+) -> list[str]:
     command = "python -m jobs.study " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
     lines = [
         f"- command: `{command}`",
         f"- data: `{args.data}`"
         + (f" (scenes: {json.dumps(spec.to_dict())}, {spec_bits(args.data):.2f} bits per image)" if spec else ""),
-        f"- trials: {n}; runtime {runtime / 60:.1f} min (pretraining, trials, evaluation, report)",
+        f"- trials: {n}"
+        + (f" (+ {merged} rows merged from earlier runs)" if merged else "")
+        + f"; runtime {runtime / 60:.1f} min (pretraining, trials, evaluation, report)",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
         + (f"; {args.machine}" if args.machine else ""),
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",

@@ -413,10 +413,10 @@ def plots(folder: Path, arms: Sequence[Arm], metric: str, bits_per_image: float 
     import matplotlib.pyplot as plt
 
     out = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=100)
     key = "scene_bits_recovered" if any(a.mean("scene_bits_recovered") is not None for a in arms) else metric
-    for features in dict.fromkeys(a.features for a in arms):
-        mine = [a for a in arms if a.features == features and a.mean(key) is not None]
+    for recipe in dict.fromkeys(a.features + a.variant for a in arms):  # one line per recipe across K
+        mine = [a for a in arms if a.features + a.variant == recipe and a.mean(key) is not None]
         plan = sorted((a for a in mine if a.bottleneck == "plan"), key=lambda a: a.plan_bits)
         if plan:
             ax.errorbar(
@@ -425,18 +425,18 @@ def plots(folder: Path, arms: Sequence[Arm], metric: str, bits_per_image: float 
                 yerr=[(a.spread(key) or 0) / 2 for a in plan],
                 marker="o",
                 capsize=3,
-                label=f"plan, {features}",
+                label=f"plan, {recipe}",
             )
         for a in mine:
             if a.bottleneck == "none":
-                ax.scatter([a.plan_bits], [a.mean(key)], marker="*", s=120, label=f"no bottleneck, {features}")
+                ax.scatter([a.plan_bits], [a.mean(key)], marker="*", s=120, label=f"no bottleneck, {recipe}")
     if bits_per_image:
         ax.axhline(bits_per_image, linestyle="--", color="grey", label="bits per image")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("plan bits on the wire (rows x D x 16)")
     ax.set_ylabel("bits recovered per image" if key == "scene_bits_recovered" else metric)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: many recipes
     fig.tight_layout()
     out.append(folder / "bits_vs_wire.png")
     fig.savefig(out[-1])
