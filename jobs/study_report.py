@@ -249,6 +249,12 @@ def verdict(arms: Sequence[Arm], metric: str, log_k: int = LOG_K) -> Verdict:
             f"{lv.gain:+.1f} over {lv.base}"
             + ("; no control ran at this budget" if "budget" in lv.kinds and "ep" not in lv.control else "")
         )
+    near = [lv for lv in found if not lv.closes and noise and lv.gap - CLOSED_GAP <= noise]
+    if near:
+        reasons.append(
+            "warning: within the seed spread of closing the gap: "
+            + ", ".join(f"{lv.arm} (misses CLOSED_GAP by {lv.gap - CLOSED_GAP:.1f})" for lv in near)
+        )
     closing = [lv for lv in found if lv.closes]
     training = [lv for lv in closing if set(lv.kinds) <= set(TRAINING_LEVERS)]
     former = [lv for lv in closing if "plan former" in lv.kinds]
@@ -325,11 +331,11 @@ def arm_table(arms: Sequence[Arm], metric: str, compo: bool) -> list[str]:
 
 
 def markdown(arms: Sequence[Arm], v: Verdict, *, metric: str, header: Sequence[str], compo: bool) -> str:
-    lines = ["# Bottleneck study", "", *header, ""]
-    lines += [f"**Verdict: {v.label}**", ""]
+    lines = ["# Bottleneck study", "", f"**Verdict: {v.label}**", ""]
     lines += [f"- {r}" for r in v.reasons]
     lines += [f"- evidence rows: {', '.join(f'`{e}`' for e in v.evidence) or '-'}"]
     lines += [f"- largest seed spread of `{metric}`: {v.noise:.1f} points (± is half the spread over seeds)", ""]
+    lines += ["## How it was run", "", *header, ""]
     lines += ["## Arms", "", *arm_table(arms, metric, compo), ""]
     runs = sorted({str(r["study_run"]) for a in arms for r in a.rows if r.get("study_run")})
     if runs:
