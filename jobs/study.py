@@ -12,6 +12,9 @@ What it runs, on the Ray cluster it finds (jobs.runtime):
        an MLflow run under the study's parent run, evaluated by jobs.evaluate when it ends):
          bottleneck: none (the control) | plan with K in {1, 4, 16, 64}
          features:   scratch (captioning only) | category (+ category loss on the plan) | frozen (pretrained)
+       --arms picks another set (ARM_SETS): the levers at K=16 vary one thing each (the decoder's
+       conditioning, the plan former's depth, the training budget) and --merge LABEL=rows.json reports
+       an earlier run's rows beside them, each row named with the run it came from
     3. scenes sets: every trial's checkpoint is also scored on the compositional split ("compo")
     4. the report (jobs.study_report): per-arm table, plots, the verdict by written rules, written to
        --out and logged to the parent MLflow run.
