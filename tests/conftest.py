@@ -19,17 +19,20 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# torch's default intra-op thread count (the physical cores), before any test changes it.
-STARTUP_THREADS = torch.get_num_threads()
+# One intra-op thread in the test process: it shares the 2 cores with the session's Ray processes, and two
+# threads then spin against each other (60 Run-0 steps: 14 s on one thread, 109 s on two with another process
+# busy). Ray Train workers and Serve replicas set their own counts.
+TEST_THREADS = 1
+torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    """Leave every test with the thread count the process started with. A command called in-process (e.g.
-    `benchmarks.wire.main(["--threads", "1"])`) sets torch's process-wide count and leaves it: every later
-    test, the Run-0 training included, then ran on one of the two cores."""
+    """Every test starts with TEST_THREADS, whatever ran before it: a command called in-process (e.g.
+    `benchmarks.wire.main(["--threads", "2"])`) sets torch's process-wide count and leaves it, so a test's
+    speed depended on which tests ran first."""
+    torch.set_num_threads(TEST_THREADS)
     yield
-    torch.set_num_threads(STARTUP_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from model.checkpoint import load_model
@@ -41,6 +42,8 @@ def run_demo(args: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.ray  # its own local Ray in the demo's process
+@pytest.mark.slow
 def test_serve_demo_captions_the_held_out_image_over_http(serve_fixtures: ServeFixtures, tmp_path: Path) -> None:
     tracking_uri, model_uri = register_in_mlflow(tmp_path / "mlflow", serve_fixtures.model.path, "demo-captioner")
     image = tmp_path / "held_out.png"
