@@ -38,7 +38,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve import errors, page
-from serve.admission import Admission
+from serve.admission import Admission, AdmissionGate
 from serve.bodies import multipart_file, read_body
 from serve.deployments import MAX_TEMPERATURE, Rejected
 from serve.errors import ApiError, retry_after
@@ -111,6 +111,8 @@ api = FastAPI(
     redoc_url=None,
 )
 errors.install(api)
+# Model routes are admitted (or shed with a JSON 503) before FastAPI parses anything: serve/admission.py.
+api.add_middleware(AdmissionGate, routes=("/v1/caption", "/v1/encode", "/v1/decode"))
 api.include_router(page.router)  # GET /: the web page for people (serve/page.py)
 _bearer = HTTPBearer(auto_error=False, description=f"API key, required on /v1 routes when set ({API_KEY_ENV})")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -171,8 +173,8 @@ def _replica_gone(exc: BaseException) -> bool:
     name="Ingress",
     # Cheap async slots: bodies trickle in and are shed here (max_inflight_requests) long before this fills,
     # so the proxy's own plain-text 503 is a last resort. serve/config.yaml sets the same values.
-    max_ongoing_requests=512,
-    max_queued_requests=256,
+    max_ongoing_requests=1024,
+    max_queued_requests=2048,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     ray_actor_options={"num_cpus": 0.1},
 )
@@ -187,6 +189,7 @@ class Ingress:
         self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV) or None
         self._model: dict[str, Any] | None = None
         self.admission = Admission(self.settings.max_inflight_requests, self.settings.retry_after_s)
+        api.state.admission = self.admission  # read by AdmissionGate (one Ingress per replica process)
 
     # ------------------------------------------------------------------ routes
 
@@ -223,14 +226,13 @@ class Ingress:
         """An image (raw body or multipart field `file`) -> caption, plan size, model and per-stage timings."""
         start = time.perf_counter()
         self._authorize(credentials)
-        with self.admission.slot():
-            info, max_new_tokens = await self._limits(max_new_tokens)
-            image = await self._read_image(request)
-            t0 = time.perf_counter()
-            plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
-            t1 = time.perf_counter()
-            text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
-            t2 = time.perf_counter()
+        info, max_new_tokens = await self._limits(max_new_tokens)
+        image = await self._read_image(request)
+        t0 = time.perf_counter()
+        plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
+        t1 = time.perf_counter()
+        text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+        t2 = time.perf_counter()
         return {
             "caption": text,
             "plan_bytes": len(plan),
@@ -253,9 +255,8 @@ class Ingress:
     async def encode(self, request: Request, credentials: Credentials) -> Response:
         """An image -> its latent plan (header + K x D payload), ready to ship to any decoder of the same model."""
         self._authorize(credentials)
-        with self.admission.slot():
-            image = await self._read_image(request)
-            plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
+        image = await self._read_image(request)
+        plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
         return Response(content=plan, media_type=PLAN_MEDIA_TYPE, headers={"X-Plan-Bytes": str(len(plan))})
 
     @api.post("/v1/decode", tags=["plan"], openapi_extra=_PLAN_BODY, responses=_DECODE_ERRORS)
@@ -272,14 +273,13 @@ class Ingress:
         content_type = _media_type(request)
         if content_type not in (PLAN_MEDIA_TYPE, ""):
             raise ApiError(415, "unsupported_media_type", f"plans are sent as {PLAN_MEDIA_TYPE}, got {content_type}")
-        with self.admission.slot():
-            info, max_new_tokens = await self._limits(max_new_tokens)
-            plan = await self._read_body(request)
-            if not plan:
-                raise ApiError(400, "empty_body", "request body is empty: send the plan bytes from /v1/encode")
-            t0 = time.perf_counter()
-            text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
-            t1 = time.perf_counter()
+        info, max_new_tokens = await self._limits(max_new_tokens)
+        plan = await self._read_body(request)
+        if not plan:
+            raise ApiError(400, "empty_body", "request body is empty: send the plan bytes from /v1/encode")
+        t0 = time.perf_counter()
+        text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+        t1 = time.perf_counter()
         return {
             "caption": text,
             "plan_bytes": len(plan),

@@ -61,3 +61,47 @@ def test_retry_after_follows_the_recent_time_in_the_slot_within_floor_and_ceilin
         serve_one(500.0)  # never more than the ceiling
     with admission.slot():
         assert shed(admission).headers == {"Retry-After": str(int(MAX_RETRY_AFTER_S))}
+
+
+def test_the_gate_sheds_model_routes_before_the_app_and_lets_health_checks_through() -> None:
+    """AdmissionGate over a Starlette app whose /v1/caption waits until released (in-process ASGI)."""
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from serve.admission import AdmissionGate
+
+    release, calls = asyncio.Event(), []
+
+    async def caption(request):
+        calls.append(request.url.path)
+        await release.wait()
+        return JSONResponse({"caption": "ok"})
+
+    async def healthz(request):
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(routes=[Route("/v1/caption", caption, methods=["POST"]), Route("/healthz", healthz)])
+    app.add_middleware(AdmissionGate, routes=("/v1/caption",))
+    app.state.admission = Admission(limit=1, retry_after_s=2.0, clock=Clock())
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gate") as client:
+            admitted = asyncio.create_task(client.post("/v1/caption"))
+            while not calls:  # the first request holds the only slot
+                await asyncio.sleep(0.01)
+            shed_now = await client.post("/v1/caption")
+            health = await client.get("/healthz")
+            release.set()
+            return await admitted, shed_now, health
+
+    admitted, shed_now, health = asyncio.run(scenario())
+    assert admitted.status_code == 200 and health.status_code == 200
+    assert shed_now.status_code == 503 and shed_now.headers["retry-after"] == "2"
+    assert shed_now.json()["error"] == "overloaded"
+    assert calls == ["/v1/caption"]  # the shed request never reached the app
+    assert app.state.admission.inflight == 0
