@@ -46,8 +46,9 @@ def test_config_parses_into_serve_schema_and_builds() -> None:
     assert build_app(app.args) is not None
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"Ingress", "PlanEncoder", "PlanDecoder"}
+    for name, deployment in deployments.items():  # every queue bounded: excess load is answered, not parked
+        assert deployment.max_queued_requests > 0, f"{name} queue must be bounded"
     for name in ("PlanEncoder", "PlanDecoder"):
-        assert deployments[name].max_queued_requests > 0, f"{name} queue must be bounded"
         assert set(deployments[name].user_config) == {"max_batch_size", "batch_wait_timeout_s"}
 
 
