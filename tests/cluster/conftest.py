@@ -16,7 +16,6 @@ below) and the cluster fixture disconnects from `ray_local` before it starts.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -45,26 +44,10 @@ HEAD_CPUS = 1
 NODE_MEMORY = 150 * 1024 * 1024  # object store per node, Cluster's own default
 
 
-OPT_IN_ENV = "VLJEPA_CLUSTER_TESTS"  # "1": also run the opt-in tests below
-# Opt-in until they pass in the full suite here: a decoder node removed under load, the replacement comes up
-# (or the second replica answers), but 1-2 in-flight requests of ~400 ended in a client connection error instead
-# of a 200/503 (fresh-clone run, 2026-11-30). Suspected: Serve's default proxy on every node, so connections
-# landed on the removed node's proxy; the tests now start Serve HeadOnly like serve/config.yaml, not yet rerun.
-OPT_IN = {
-    "test_losing_the_decoder_node_gives_503_then_a_replica_elsewhere",
-    "test_with_two_decoder_replicas_a_node_loss_costs_no_request",
-}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Cluster tests last: after them this process is no longer connected to the session's `ray_local`."""
     here = Path(__file__).resolve().parent
     items.sort(key=lambda item: Path(str(item.fspath)).resolve().is_relative_to(here))
-    if os.environ.get(OPT_IN_ENV) != "1":
-        skip = pytest.mark.skip(reason=f"opt-in multi-node test (not yet passing here): set {OPT_IN_ENV}=1")
-        for item in items:
-            if Path(str(item.fspath)).resolve().is_relative_to(here) and item.originalname in OPT_IN:
-                item.add_marker(skip)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tests.serve.conftest import COLOURS, MAX_NEW_TOKENS, free_port, in_process_
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "captioner"
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node declares it (ray._common.constants)
 
 
 def config_deployments() -> dict[str, dict[str, Any]]:
@@ -62,8 +63,14 @@ def deploy(model: dict[str, Any], url: str, *, decoders: int) -> None:
         name: {"ray_actor_options": shipped[name]["ray_actor_options"], "num_replicas": n}
         for name, n in (("PlanEncoder", 1), ("PlanDecoder", decoders))
     }
+    # The Ingress has no role, and Serve spreads replicas over nodes: it could land beside a decoder replica and
+    # die with the node a test removes (a lost request that says nothing about the decoders). Head only, like
+    # the HeadOnly proxy, through the resource Ray gives the head node (Ray's own state actors do the same).
+    options["Ingress"] = {
+        "ray_actor_options": {**shipped["Ingress"]["ray_actor_options"], "resources": {HEAD_RESOURCE: 0.001}}
+    }
     # Replace a missing replica fast: the controller probes every second (the shipped default is 10 s).
-    for name in options:
+    for name in ("PlanEncoder", "PlanDecoder"):
         options[name].update(health_check_period_s=1, health_check_timeout_s=5)
     # A request waiting for a replacement replica must not hit the 20 s stage timeout (504) on a busy 2-core
     # machine: the tests check which statuses come back; the time to recovery is measured and printed.
@@ -83,6 +90,12 @@ def deploy(model: dict[str, Any], url: str, *, decoders: int) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("the captioner did not come up on the cluster")
+
+
+def ingress_role(local_cluster: LocalCluster) -> str:
+    """Which role's node hosts the Ingress replica ("head" when none)."""
+    (node,) = actor_nodes("Ingress")
+    return next((role for role in local_cluster.nodes if node in local_cluster.node_ids(role)), "head")
 
 
 def caption(client: httpx.Client, url: str, image: bytes) -> httpx.Response:
@@ -181,6 +194,7 @@ def test_losing_the_decoder_node_gives_503_then_a_replica_elsewhere(local_cluste
     try:
         (before,) = actor_nodes("PlanDecoder")
         victim = next(n for n in local_cluster.nodes["decoder"] if n.node_id == before)
+        where = ingress_role(local_cluster) + (" (the removed one)" if actor_nodes("Ingress")[0] == before else "")
         with Load(url, list(model["images"].values())) as load:
             time.sleep(2.0)
             killed = time.monotonic()
@@ -203,7 +217,8 @@ def test_losing_the_decoder_node_gives_503_then_a_replica_elsewhere(local_cluste
         with capsys.disabled():
             print(
                 f"\n[cluster] decoder node lost: {recovered - killed:.1f} s to the first caption from the new replica; "
-                f"{len(failures)} request(s) answered 503 + Retry-After, {len(load.records) - len(failures)} 200"
+                f"{len(failures)} request(s) answered 503 + Retry-After, {len(load.records) - len(failures)} 200; "
+                f"ingress on {where} node"
             )
     finally:
         serve.delete(APP)
@@ -218,6 +233,9 @@ def test_with_two_decoder_replicas_a_node_loss_costs_no_request(local_cluster, m
         nodes = actor_nodes("PlanDecoder")
         assert len(set(nodes)) == 2 and set(nodes) == local_cluster.node_ids("decoder")
         victim = local_cluster.nodes["decoder"][0]
+        where = ingress_role(local_cluster) + (
+            " (the removed one)" if actor_nodes("Ingress")[0] == victim.node_id else ""
+        )
         with Load(url, list(model["images"].values())) as load:
             time.sleep(2.0)
             killed = time.monotonic()
@@ -226,7 +244,9 @@ def test_with_two_decoder_replicas_a_node_loss_costs_no_request(local_cluster, m
         statuses = Counter(status for _, status, _ in load.records)
         after = sum(1 for t, status, _ in load.records if t > killed and status == 200)
         with capsys.disabled():
-            print(f"\n[cluster] two decoder replicas, one node lost: responses {dict(statuses)}")
+            print(
+                f"\n[cluster] two decoder replicas, one node lost: responses {dict(statuses)}; ingress on {where} node"
+            )
         assert set(statuses) == {200}, statuses
         assert after >= 3  # requests kept flowing through the surviving replica
     finally:
