@@ -12,8 +12,10 @@ incident (it gets one INFO line here). Image decoding runs in a worker thread, a
 batched model call runs on the replica's user-code event loop on purpose. Handed to a thread, the
 Python-heavy generation loop held the GIL against the thread that admits requests, so batches stayed at
 1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests pile up while a
-batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). Serve answers health
-checks on its own loop meanwhile. Batch sizes come from `user_config` and are applied in
+batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). For the same reason batches need no
+wait timer (`batch_wait_timeout_s` 0): under load they fill from the queue that built up during the
+last batch, while a lone request would sit the timer out at each stage (the split path: twice).
+Serve answers health checks on its own loop meanwhile. Batch sizes come from `user_config` and are applied in
 `reconfigure()`, so `serve deploy` can change them without restarting replicas.
 """
 
@@ -77,7 +79,7 @@ def _batch_settings(user_config: dict[str, Any] | None) -> tuple[int, float]:
     unknown = sorted(set(cfg) - {"max_batch_size", "batch_wait_timeout_s"})
     if unknown:
         raise ValueError(f"unknown user_config key(s) {unknown}; valid: max_batch_size, batch_wait_timeout_s")
-    size, wait = int(cfg.get("max_batch_size", 16)), float(cfg.get("batch_wait_timeout_s", 0.005))
+    size, wait = int(cfg.get("max_batch_size", 16)), float(cfg.get("batch_wait_timeout_s", 0.0))
     if size < 1 or wait < 0:
         raise ValueError(f"user_config needs max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {cfg}")
     return size, wait
@@ -94,7 +96,7 @@ def _load(source: str, tracking_uri: str | None, torch_threads: int) -> Resolved
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=32,
     max_queued_requests=64,
-    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
 )
 class PlanEncoder:
     """Image encoder, text encoder, fusion and predictor: image bytes -> plan bytes."""
@@ -149,7 +151,7 @@ class PlanEncoder:
                 return _rejected(exc)
         return await self._encode_batch(pixels)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, images: list[torch.Tensor]) -> list[bytes]:
         plans = self.plans(torch.stack(images))  # (B, K, D)
         return [encode_plan(p, fingerprint=self.fingerprint, dtype=self.plan_dtype) for p in plans]
@@ -165,7 +167,7 @@ class PlanEncoder:
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=32,
     max_queued_requests=64,
-    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
 )
 class PlanDecoder:
     """Text decoder: plan bytes -> caption, greedy or sampled, with the KV cache."""
@@ -209,7 +211,7 @@ class PlanDecoder:
             raise result
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _decode_batch(self, requests: list[tuple[torch.Tensor, int, float]]) -> list[str | Exception]:
         return self.captions(requests)
 
