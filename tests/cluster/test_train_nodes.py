@@ -1,7 +1,8 @@
 """Training across nodes: two Ray Train workers on two train nodes, one node lost mid-run.
 
-The data is a folder every node sees; checkpoints go to storage given as a `file://` URI, the way an
-`s3://` or `gs://` bucket is given on a real cluster (Ray Train and jobs.train open it through pyarrow).
+The data and the checkpoint storage are both given as `file://` URIs of folders every node sees, the way an
+`s3://` or `gs://` bucket is given on a real cluster: jobs/storage.py resolves them to a pyarrow filesystem
+for the driver's checks, Ray Data's read tasks on the train nodes and Ray Train's checkpoints.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def test_two_nodes_train_and_a_lost_node_resumes_from_the_last_checkpoint(
     chaos = threading.Thread(target=lose_a_node, daemon=True)
     chaos.start()
     started = time.perf_counter()
-    result = train.run_training(cfg, str(cluster_shapes), run_name="two-nodes", storage_path=storage.as_uri())
+    data = cluster_shapes.as_uri()
+    result = train.run_training(cfg, data, run_name="two-nodes", storage_path=storage.as_uri())
     elapsed = time.perf_counter() - started
     chaos.join(timeout=30)
 
