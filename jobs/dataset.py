@@ -210,9 +210,6 @@ def torch_batches(shard: Any, batch_size: int, cfg: Config, *, device: Any = "au
 # Materialised ingest (data.ingest): decode once, reshuffle and redraw captions every epoch
 
 OBJECT_STORE_SHARE = 0.5  # "auto" materialises when the decoded rows take at most this share of the free store
-# Rows per map call of a materialised epoch: nothing is decoded there, so a small call is cheap, and the first
-# training batch waits for one call only (measured by benchmarks.data, see benchmarks/RESULTS.md).
-EPOCH_MAP_ROWS = MAP_BATCH_ROWS
 CAPTION_BYTES_PER_ROW = 1024  # the captions list and ids of a row (COCO: 5 captions of ~55 characters)
 
 
@@ -258,7 +255,7 @@ def _materialized_train_dataset(
     return decoded.map_batches(
         train_batch,
         fn_kwargs={"plan": plan, "cfg": map_cfg, "permute": cfg.data.shuffle != "none", "draw": draw},
-        batch_size=EPOCH_MAP_ROWS,
+        batch_size=MAP_BATCH_ROWS,  # 32-256 rows measured: smaller calls do not bring the first batch sooner
         batch_format="numpy",
         num_cpus=cfg.data.num_cpus_per_map,
         zero_copy_batch=True,
