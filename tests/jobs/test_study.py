@@ -21,7 +21,8 @@ SPEC = SceneSpec(min_objects=1, max_objects=2, colours=2, shapes=2, sizes=1, gri
 
 
 def _row(arm: str, score: float, seed: int = 0) -> dict:
-    where, features = arm.split("/")
+    where, _, rest = arm.partition("/")
+    features, *variant = rest.split("+")
     row = {
         "bottleneck": "none" if where == "none" else "plan",
         "K": None if where == "none" else int(where[1:]),
@@ -32,6 +33,15 @@ def _row(arm: str, score: float, seed: int = 0) -> dict:
         "train.seed": seed,
         "scene_bits_recovered_pct": score,
     }
+    for part in variant:  # the swept keys a variant arm's row carries
+        if part.endswith("ep"):
+            row["train.epochs"] = int(part[:-2])
+        elif part.startswith("fusion"):
+            row["model.fusion_depth"] = int(part[6:])
+        elif part.startswith("pred"):
+            row["model.semantic_predictor_depth"] = int(part[4:])
+        else:
+            row["model.conditioning"] = row["conditioning"] = part
     return row
 
 
@@ -65,6 +75,85 @@ def test_verdict_capacity_when_k_helps_and_nothing_closes_the_gap():
     # the same rows with a frozen arm that reaches the control: no longer capacity
     v2 = _verdict({"none/scratch": 90.0, **rising, "K16/category": 55.0, "K16/frozen": 88.0})
     assert v2.label.startswith("mixed")
+
+
+def test_variant_arms_are_named_by_what_they_change():
+    names = [study_report.arm_of(_row(a, 1.0)) for a in ("K16/scratch+gated", "K16/frozen+24ep")]
+    assert names == ["K16/scratch+gated", "K16/frozen+24ep"]
+    deeper = {**_row("K16/scratch", 1.0), "model.fusion_depth": 3, "model.semantic_predictor_depth": 3}
+    assert study_report.arm_of(deeper) == "K16/scratch+fusion3+pred3"
+    # rows of the first study carry the conditioning column only (cross_attn): no suffix
+    assert study_report.arm_of({**_row("K16/scratch", 1.0), "conditioning": "cross_attn"}) == "K16/scratch"
+
+
+def test_verdict_trainability_when_a_conditioning_lever_closes_the_gap():
+    v = _verdict({"none/scratch": 90.0, **FLAT, "K16/frozen": 50.0, "K16/scratch+prefix_film": 84.0})
+    assert v.label == "trainability-limited" and "K16/scratch+prefix_film" in v.evidence
+
+
+def test_verdict_plan_former_when_only_a_deeper_former_closes_the_gap():
+    scores = {"none/scratch": 90.0, **FLAT, "K16/scratch+gated": 45.0, "K16/scratch+fusion3+pred3": 86.0}
+    v = _verdict(scores)
+    assert v.label == "plan-former-limited" and "K16/scratch+fusion3+pred3" in v.evidence
+
+
+def test_verdict_frozen_lever_is_measured_against_the_frozen_control():
+    # 78 is 19 below the scratch control but within CLOSED_GAP of the no-bottleneck frozen arm (85)
+    v = _verdict({"none/scratch": 97.0, "none/frozen": 85.0, **FLAT, "K16/frozen": 78.0})
+    assert v.label == "trainability-limited" and "none/frozen" in v.evidence
+
+
+def test_verdict_budget_lever_is_measured_against_the_control_at_the_same_budget():
+    scores = {"none/scratch": 97.0, "none/frozen": 85.0, **FLAT, "K16/frozen": 55.0, "K16/frozen+24ep": 80.0}
+    assert _verdict(scores).label == "trainability-limited"  # within 10 of none/frozen at 12 epochs
+    # the frozen control also climbs with twice the steps: 80 no longer closes the gap to it
+    v = _verdict({**scores, "none/frozen+24ep": 95.0})
+    assert v.label == "trainability-limited (climbing, not closed)" and "none/frozen+24ep" in v.evidence
+    assert not any("within the seed spread of closing" in r for r in v.reasons)  # one seed each: no spread
+    rows = [_row(a, sc) for a, sc in {**scores, "none/frozen+24ep": 95.0}.items()] + [_row("K16/scratch", 50.0, 1)]
+    v = study_report.verdict(study_report.summarise(rows), "scene_bits_recovered_pct")  # spread 8: 80 is 15 below
+    assert "warning: within the seed spread of closing the gap: K16/frozen+24ep (misses CLOSED_GAP by 5.0)" in v.reasons
+
+
+def test_verdict_climbing_with_steps_is_trainability_not_closed():
+    base = {"none/scratch": 90.0, **FLAT, "K16/frozen": 50.0}
+    v = _verdict({**base, "K16/frozen+24ep": 66.0})  # +16 over K16/frozen; 64x the rows gave +3
+    assert v.label == "trainability-limited (climbing, not closed)"
+    assert {"K16/frozen+24ep", "K16/frozen"} <= set(v.evidence)
+    # a budget gain below CLIMB is no verdict; steps must lift every recipe tried with more of them
+    assert _verdict({**base, "K16/frozen+24ep": 55.0}).label == "inconclusive"
+    mixed = _verdict({**base, "K16/frozen+24ep": 66.0, "K16/scratch+24ep": 45.0, "K16/scratch+fusion3+pred3": 70.0})
+    assert mixed.label == "inconclusive (leaning plan former: K16/scratch+fusion3+pred3 +28.0)"
+
+
+def test_merge_rows_tags_each_row_with_its_run_and_rejects_bad_input(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([_row("K16/scratch", 40.0), {**_row("K4/scratch", 30.0), "study_run": "run 0"}]))
+    rows = study.merge_rows(f"run 1={path}")
+    assert [r["study_run"] for r in rows] == ["run 1", "run 0"]
+    with pytest.raises(ValueError, match="LABEL=PATH"):
+        study.merge_rows(str(path))
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a list of rows"):
+        study.merge_rows(f"run 1={path}")
+
+
+def test_report_rebuilds_from_merged_rows_and_names_each_rows_run(tmp_path, capsys):
+    rows = [{**_row(a, sc), "study_run": "run 1"} for a, sc in {"none/scratch": 90.0, **FLAT}.items()]
+    rows.append({**_row("K16/scratch+gated", 85.0), "study_run": "run 2"})
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "header.md").write_text("- run 1: `python -m jobs.study ...`\n")
+    out = tmp_path / "report"
+    argv = ["--rows", str(tmp_path / "rows.json"), "--out", str(out), "--header", str(tmp_path / "header.md")]
+    assert study_report.main(argv) == 0
+    md = (out / "report.md").read_text()
+    assert "**Verdict: trainability-limited**" in md and "- run 1: `python -m jobs.study ...`" in md
+    assert "| run 2 | `K16/scratch+gated` (1) |" in md and "`K16/scratch` (1)" in md.split("| run 1 |")[1]
+    assert (out / "verdict.txt").read_text().startswith("trainability-limited\n")
+    assert json.loads((out / "rows.json").read_text()) == rows
+    (tmp_path / "bad.json").write_text("[]")
+    assert study_report.main(["--rows", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
+    assert "expected a non-empty list of rows" in capsys.readouterr().out
 
 
 def test_seed_spread_is_reported_and_flags_noisy_gaps():
@@ -114,17 +203,27 @@ def _vision_tensors(path: Path) -> dict:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith("encoder.vision.")}  # noqa: SIM118
 
 
+@pytest.fixture(scope="module")
+def pretrained_vision(prepared_scenes, tmp_path_factory) -> Path:
+    """One vision pretraining (the CLI, 2 epochs) for the frozen-encoder test and the quick study."""
+    from jobs import pretrain_vision
+
+    tmp = tmp_path_factory.mktemp("pretrain")
+    weights = tmp / "vision.safetensors"
+    argv = ["--data", str(prepared_scenes), "--out", str(weights), "--epochs", "2", *TINY_MODEL]
+    assert pretrain_vision.main([*argv, f"--train.storage_path={tmp / 'runs'}"]) == 0
+    return weights
+
+
 @pytest.mark.ray
-def test_frozen_encoder_from_pretraining_keeps_bit_identical_weights(prepared_scenes, tmp_path):
+def test_frozen_encoder_from_pretraining_keeps_bit_identical_weights(prepared_scenes, pretrained_vision, tmp_path):
     import torch
 
-    from jobs import pretrain_vision, train
+    from jobs import train
     from model.config import load_config
 
-    weights = tmp_path / "vision.safetensors"
-    argv = ["--data", str(prepared_scenes), "--out", str(weights), "--epochs", "2", *TINY_MODEL]
-    rc = pretrain_vision.main([*argv, f"--train.storage_path={tmp_path / 'pretrain-runs'}"])
-    assert rc == 0 and weights.is_file()
+    weights = pretrained_vision
+    assert weights.is_file()
     pretrained = _vision_tensors(weights)
     fresh = load_config("debug", TINY_MODEL).model
     from model.model import build_model
@@ -160,16 +259,20 @@ def test_pretrain_rejects_data_without_labels_it_can_use(tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, tmp_path, capsys):
+def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, pretrained_vision, tmp_path, capsys):
     from mlflow import MlflowClient
 
     out = tmp_path / "report"
     argv = ["--data", str(prepared_scenes), "--quick", "--storage", str(tmp_path / "runs"), "--out", str(out)]
-    argv += ["--pretrain-epochs", "1", "--model.image_size=16", "--model.max_seq_length=96"]
+    argv += ["--model.image_size=16", "--model.max_seq_length=96"]
+    # The frozen arm's encoder from the module's one pretraining (the same vision shape as --quick's model):
+    # the study's own pretraining step would repeat it (~20 s of the suite).
+    argv += ["--vision-weights", str(pretrained_vision)]
     argv += [f"--tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     assert study.main(argv) == 0
     printed = capsys.readouterr().out
-    labels = ("feature-limited", "capacity-limited", "trainability-limited", "not limited", "mixed", "inconclusive")
+    labels = ("feature-limited", "capacity-limited", "trainability-limited", "plan-former-limited", "not limited")
+    labels += ("mixed", "inconclusive")
     verdict_line = [line for line in printed.splitlines() if line.startswith("study: verdict: ")]
     assert verdict_line and verdict_line[0].removeprefix("study: verdict: ").startswith(labels)
 
