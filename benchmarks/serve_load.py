@@ -5,17 +5,18 @@
 Two comparisons, run in one go on an untrained seed-config model (16.9M parameters, K=16, D=256, 64x64;
 random weights decode the full token budget every time, which is the worst case for latency):
 
-  (a) batching on (max_batch_size 32) vs off (max_batch_size 1) for both halves, 32 concurrent clients;
-  (b) the split path (HTTP -> ingress -> encoder -> plan bytes -> decoder) vs one deployment doing
-      image -> caption in-process, 1 client, batching off in both: the cost of the two extra hops.
-      Both applications run side by side and the requests alternate between them (ABBA order), so
-      drift in the machine's load falls on both paths alike.
+  (a) batching on (serve/config.yaml's max_batch_size) vs off (max_batch_size 1) for both halves,
+      32 concurrent clients;
+  (b) the hop: the split app exactly as serve/config.yaml ships it (HTTP -> ingress -> encoder -> plan
+      bytes -> decoder) vs one deployment doing image -> caption in-process with the same batching,
+      1 client. Both applications run side by side and the requests alternate between them (ABBA
+      order), so drift in the machine's load falls on both paths alike.
 
 Both run on one Ray node (playing the encoder and the decoder role), then again across two nodes: a head
 (proxy, ingress, the single deployment) plus an encoder node and a decoder node, each its own raylet and
 object store (`ray.cluster_utils.Cluster`), placed by serve/config.yaml's node-role resources.
 Every scenario is bounded by a request count and a wall-clock cap, and talks to 127.0.0.1 only.
-The figures are appended to benchmarks/RESULTS.md under "## Serving (issue 6)".
+The figures replace benchmarks/RESULTS.md's section named in SECTION.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real parameter types through Serve's ingress rewrite.
@@ -149,7 +150,11 @@ def seed_checkpoint(folder: Path) -> Path:
 
 
 def fused_deployment():
-    """One deployment doing image -> plan -> bytes -> plan -> caption in-process: the no-split baseline."""
+    """One deployment doing image -> plan -> bytes -> plan -> caption in-process: the no-split baseline.
+
+    It batches like the shipped deployments (the same user_config, the batch run inline on the replica's loop),
+    so the split path differs from it by the hops and nothing else.
+    """
     from ray import serve
 
     app = FastAPI()
@@ -157,7 +162,7 @@ def fused_deployment():
     @serve.deployment(name="Fused", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
     @serve.ingress(app)
     class Fused:
-        def __init__(self, path: str, max_batch_size: int) -> None:
+        def __init__(self, path: str, user_config: dict[str, Any]) -> None:
             import torch
 
             from model.checkpoint import load_model
@@ -169,16 +174,17 @@ def fused_deployment():
             self.model, self.fingerprint = loaded.model, loaded.fingerprint
             self.transform = ImageTransform(loaded.config.model.image_size)
             self.tokenizer = ByteTokenizer(loaded.config.model.max_seq_length)
-            self.run_batch.set_max_batch_size(max_batch_size)
+            self.run_batch.set_max_batch_size(user_config["max_batch_size"])
+            self.run_batch.set_batch_wait_timeout_s(user_config["batch_wait_timeout_s"])
 
         @app.post("/v1/caption")
         async def caption(self, request: Request, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
             pixels = await asyncio.to_thread(self.transform, await request.body())
             return {"caption": await self.run_batch((pixels, max_new_tokens))}
 
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
         async def run_batch(self, items: list) -> list[str]:
-            return await asyncio.to_thread(self.work, items)
+            return self.work(items)
 
         def work(self, items: list) -> list[str]:
             import torch
@@ -196,27 +202,29 @@ def fused_deployment():
     return Fused
 
 
-def placement(name: str) -> dict[str, Any]:
-    """serve/config.yaml's ray_actor_options of a deployment: the shipped node role and settings."""
-    import yaml
+def split_app(path: Path, batch: int | None = None):
+    """The shipped app: serve/config.yaml's args and deployment options, the model at `path`.
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
-    (deployment,) = [d for d in config["applications"][0]["deployments"] if d["name"] == name]
-    return dict(deployment.get("ray_actor_options", {}))
+    `batch` replaces max_batch_size (1 = batching off; the wait stays the shipped one). One replica per model
+    half keeps the batching comparison about batching (the config lets the encoder autoscale).
+    """
+    from serve.app import build_app, shipped_config
+
+    args = shipped_config(model=str(path)).app_args
+    for name in ("PlanEncoder", "PlanDecoder"):
+        options = args["deployment_options"][name]
+        options.pop("autoscaling_config", None)
+        options["num_replicas"] = 1
+        if batch is not None:
+            options["user_config"] = {**options["user_config"], "max_batch_size": batch}
+    return build_app(args)
 
 
-def split_app(path: Path, batch: int):
-    """The shipped app with the config's placement (encoder_node / decoder_node); batch sizes vary per scenario."""
-    from serve.app import build_app
+def shipped_batching() -> dict[str, Any]:
+    """The decoder's user_config in serve/config.yaml (max_batch_size, batch_wait_timeout_s)."""
+    from serve.app import shipped_config
 
-    user_config = {"max_batch_size": batch, "batch_wait_timeout_s": 0.005}
-    options = {
-        name: {"ray_actor_options": placement(name), "user_config": user_config, "max_ongoing_requests": 256}
-        for name in ("PlanEncoder", "PlanDecoder")
-    }
-    options["PlanEncoder"]["num_replicas"] = 1
-    options["Ingress"] = {"ray_actor_options": placement("Ingress")}
-    return build_app({"model": str(path), "torch_threads": 1, "deployment_options": options})
+    return dict(shipped_config().app_args["deployment_options"]["PlanDecoder"]["user_config"])
 
 
 @contextmanager
@@ -313,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         speedup = on.throughput / off.throughput
         added = split_lat.pct(50) - fused_lat.pct(50)
         summary.append(
-            f"- {where}: batching speed-up at {args.concurrency} clients **{speedup:.2f}x** (target >= 3x); "
-            f"split encoder -> decoder vs one deployment at p50: **{added:+.1f} ms** (target <= 3 ms)"
+            f"- {where}: single deployment p50 {fused_lat.pct(50):.1f} ms, split p50 {split_lat.pct(50):.1f} ms, "
+            f"hop **{added:+.1f} ms** (target <= 3 ms); batching speed-up at {args.concurrency} clients "
+            f"**{speedup:.2f}x** ({on.throughput:.1f} vs {off.throughput:.1f} req/s; target >= 3x)"
         )
     load_after = os.getloadavg()[0]
     table = "\n".join([header, *(r.row() for r in results)])
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{SECTION}\n\n"
         f"Command: `python -m benchmarks.serve_load` (requests {args.requests} per throughput scenario, "
         f"{args.latency_requests} per route in the paired latency scenario, cap {args.max_seconds:g} s each)  \n"
-        f"Machine: {machine()}  \nDate: {DATE}  \n"
+        f"Machine: 2-core CPU VM, 24 GiB, no GPU ({machine()})  \nDate: {DATE}  \n"
         f"1-minute load average before/after: {load_before:.1f} / {load_after:.1f} (figures from a busy machine are "
         "not comparable with a quiet one; rerun on an idle machine for the targets)\n\n"
         f"Untrained seed-config model (D=256, K=16, 64x64), {MAX_NEW_TOKENS} new tokens per request (random weights "
@@ -361,24 +370,27 @@ def scenarios(
         return result
 
     c = args.concurrency
+    batching = shipped_batching()
     try:
-        serve.run(split_app(path, batch=32), name="bench", route_prefix="/")
+        serve.run(split_app(path), name="bench", route_prefix="/")
         wait_ready(url)
-        on = run(f"{where}: split, batching on (32), {c} clients", c, args.requests)
-        serve.run(split_app(path, batch=1), name="bench", route_prefix="/")  # user_config only: reconfigure()
-        wait_ready(url)
-        off = run(f"{where}: split, batching off, {c} clients", c, args.requests)
-        serve.run(fused_deployment().bind(str(path), 1), name="fused", route_prefix="/fused")
+        on = run(f"{where}: split, batching on ({batching['max_batch_size']}), {c} clients", c, args.requests)
+        # The hop, as shipped: the split app and one deployment with the same batching, one client, ABBA order.
+        serve.run(fused_deployment().bind(str(path), batching), name="fused", route_prefix="/fused")
         wait_ready(f"{url}/fused")
         routes = {
-            f"{where}: split, batching off, 1 client": "/v1/caption",
-            f"{where}: single deployment, batching off, 1 client": "/fused/v1/caption",
+            f"{where}: split, as shipped, 1 client": "/v1/caption",
+            f"{where}: single deployment, same batching, 1 client": "/fused/v1/caption",
         }
         paired_latency(url, images, routes, 4)  # warm-up
         latency = paired_latency(url, images, routes, args.latency_requests)
         for result in latency:
             print(result.row(), flush=True)
             results.append(result)
+        serve.delete("fused")
+        serve.run(split_app(path, batch=1), name="bench", route_prefix="/")  # user_config only: reconfigure()
+        wait_ready(url)
+        off = run(f"{where}: split, batching off, {c} clients", c, args.requests)
     finally:
         serve.shutdown()
     return on, off, latency
