@@ -19,6 +19,10 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every 2 s: a report waits in a one-slot queue until the next poll and
+# the end of a fit is seen up to 2 s late, in every one of the suite's ~30 fits. Polling every 0.25 s: a tiny
+# 1-worker fit took 37 s instead of 48 s (one sample each, load average 6-10, 2026-11-30).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # One intra-op thread in the test process: it shares the 2 cores with the session's Ray processes, and two
 # threads then spin against each other (60 Run-0 steps: 14 s on one thread, 109 s on two with another process
 # busy). Ray Train workers and Serve replicas set their own counts.
