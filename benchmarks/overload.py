@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from jobs.runtime import ensure_ray
     from serve.app import build_app, shipped_config
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ensure_ray(num_cpus=4, log_to_driver=False)  # RAY_ADDRESS popped above: a fresh loopback instance
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -232,9 +232,11 @@ def topology(nodes: int):
     """Ray on one node that plays both roles, or a head plus an encoder node and a decoder node (own raylets)."""
     import ray
 
+    from jobs.runtime import ensure_ray
+
     roles = {"encoder_node": 1, "decoder_node": 1}
     if nodes == 1:
-        ray.init(address="local", num_cpus=4, resources=roles, include_dashboard=False, log_to_driver=False)
+        ensure_ray(num_cpus=4, resources=roles, log_to_driver=False)
         try:
             yield "1 node"
         finally:

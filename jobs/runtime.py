@@ -27,18 +27,25 @@ LOCAL_NODE_IP = "127.0.0.1"  # the embedded instance's node address: its servers
 
 
 def ensure_ray(
-    num_cpus: int | None = None, *, namespace: str | None = None, resources: dict[str, float] | None = None
+    num_cpus: int | None = None,
+    *,
+    namespace: str | None = None,
+    resources: dict[str, float] | None = None,
+    log_to_driver: bool | None = None,
 ) -> str:
     """Join `RAY_ADDRESS` if set, reuse an initialised Ray, else start a fresh local instance.
 
     resources: custom resources of the local node (Serve's node roles); ignored when joining a cluster.
+    log_to_driver: stream worker output to this process; default: only in the console's verbose mode.
     Returns a short description of what was joined, for the job's console output.
     """
     if ray.is_initialized():
         return "existing Ray connection"
     address = os.environ.get("RAY_ADDRESS", "").strip()
     # Worker output streams here only in verbose mode; otherwise it stays in the Ray session's log folder.
-    kwargs: dict = {"log_to_driver": console.log_to_driver(), "namespace": namespace}
+    if log_to_driver is None:
+        log_to_driver = console.log_to_driver()
+    kwargs: dict = {"log_to_driver": log_to_driver, "namespace": namespace}
     if address:
         ray.init(address=address, **kwargs)
         return f"Ray cluster at {address}"
