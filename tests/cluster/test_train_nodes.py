@@ -7,6 +7,7 @@ for the driver's checks, Ray Data's read tasks on the train nodes and Ray Train'
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -31,8 +32,19 @@ ARGS = [
 ]
 
 
-def checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("checkpoint_*")) if folder.exists() else []
+def registered_checkpoint(run: Path) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint of this run as the one to restore from.
+
+    A `checkpoint_*` folder appears on storage while its files are still being uploaded, before the controller
+    records it; a node lost in that window correctly restarts from scratch. The controller writes its
+    checkpoint-manager snapshot only after registering, so that file naming a latest checkpoint is the signal.
+    """
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+    return bool(state.get("latest_checkpoint_result"))
 
 
 def test_node_role_needs_units_on_the_cluster(local_cluster):
@@ -52,9 +64,9 @@ def test_two_nodes_train_and_a_lost_node_resumes_from_the_last_checkpoint(
     seen["replacement"] = local_cluster.add("train").node_id
 
     def lose_a_node() -> None:
-        """Once epoch 1's checkpoint is on storage (epoch 2 is running): kill the node of one worker."""
+        """Once epoch 1's checkpoint is registered (epoch 2 is running): kill the node of one worker."""
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not checkpoints(run):
+        while time.monotonic() < deadline and not registered_checkpoint(run):
             time.sleep(0.1)
         workers = actor_nodes("RayTrainWorker")
         seen["before"] = workers
