@@ -1,4 +1,6 @@
-"""Sweeps on the multi-node cluster with exact resources: a trial ASHA stops gives back everything it held.
+"""Sweeps on the multi-node cluster with exact resources: ASHA stops the losing trial early, and the stopped
+trial gives back everything it held. It is the suite's one ASHA sweep, so it also checks which trial is stopped
+and after which epoch.
 
 Regression test for ray-project/ray#54305 as it hit jobs.sweep: the stopped trial's Train worker group kept its
 placement group (CPUs and a train_node) until the driver exited, because Ray's cleaner needs the dashboard.
@@ -40,8 +42,13 @@ def test_asha_stopped_trial_leaves_no_placement_group(local_cluster: LocalCluste
     argv += ["--grace-period=1", "--reduction-factor=2", "--max-concurrent=1", "--trial-cpus=0.5", "--data-cpus=0.5"]
     assert main([*argv, "--eval-max-images=18"]) == 0
 
-    rows = json.loads((storage / "exact" / "report" / "rows.json").read_text())
-    assert sorted(r["status"].split()[0] for r in rows) == ["completed", "stopped"], rows
+    # ASHA decides once, at epoch 1 (the rung below the last epoch), against the cutoff of the val_ce already
+    # recorded there (reduction factor 2: their median). Run in order, the learning trial records first and
+    # trains both epochs; the near-frozen one is always worse at the rung, so it is stopped after epoch 1.
+    rows = {r["train.lr"]: r for r in json.loads((storage / "exact" / "report" / "rows.json").read_text())}
+    assert set(rows) == {3e-3, 1e-7}, rows
+    assert rows[3e-3]["status"] == "completed" and rows[3e-3]["epochs"] == 2, rows
+    assert rows[1e-7]["status"] == "stopped at 1/2" and rows[1e-7]["epochs"] == 1, rows
     assert not orphaned_groups()
     alive = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
     assert not alive, alive
