@@ -30,8 +30,10 @@ SMOOTHING = 0.2  # weight of the newest request in the moving average of time in
 class Admission:
     """Counts admitted model requests; `slot()` admits one or raises a 503 ApiError with Retry-After."""
 
-    def __init__(self, limit: int, retry_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit, self.floor_s, self._clock = limit, retry_after_s, clock
+    def __init__(
+        self, limit: int, retry_after_s: float, clock: Callable[[], float] = time.monotonic, where: str = "ingress"
+    ) -> None:
+        self.limit, self.floor_s, self._clock, self.where = limit, retry_after_s, clock, where
         self.inflight = 0
         self.slot_s: float | None = None  # moving average of an admitted request's time in its slot
 
@@ -43,7 +45,8 @@ class Admission:
         """Raise the 503 ApiError if no slot is free."""
         if self.inflight >= self.limit:
             wait = self.retry_after_s()
-            detail = f"at capacity ({self.limit} requests in progress); retry in {math.ceil(wait)} s"
+            busy = f"{self.limit} requests in progress at the {self.where}"
+            detail = f"at capacity ({busy}); retry in {math.ceil(wait)} s"
             raise ApiError(503, "overloaded", detail, retry_after(wait))
 
     @contextlib.contextmanager
@@ -63,17 +66,18 @@ class Admission:
 class AdmissionGate:
     """ASGI middleware: a POST to one of `routes` runs inside an admission slot or gets the JSON 503 at once.
 
-    The Admission comes from `app.state.admission` (set by the ingress replica); until it is set, or for any
-    other route (/healthz, the page, the docs), requests pass straight through.
+    The Admission is the one given (Serve's proxy: serve/proxy_gate.py) or else `app.state.admission` (set
+    by the ingress replica); until it is set, or for any other route (/healthz, the page, the docs),
+    requests pass straight through.
     """
 
-    def __init__(self, app: ASGIApp, routes: tuple[str, ...]) -> None:
-        self.app, self.routes = app, routes
+    def __init__(self, app: ASGIApp, routes: tuple[str, ...], admission: Admission | None = None) -> None:
+        self.app, self.routes, self.admission = app, routes, admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission: Admission | None = None
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith(self.routes):
-            admission = getattr(scope["app"].state, "admission", None)
+            admission = self.admission or getattr(scope["app"].state, "admission", None)
         if admission is None:
             await self.app(scope, receive, send)
             return

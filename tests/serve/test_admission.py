@@ -105,3 +105,97 @@ def test_the_gate_sheds_model_routes_before_the_app_and_lets_health_checks_throu
     assert shed_now.json()["error"] == "overloaded"
     assert calls == ["/v1/caption"]  # the shed request never reached the app
     assert app.state.admission.inflight == 0
+
+
+# ---------------------------------------------------------------------------
+# Serve's proxy (serve/proxy_gate.py): the middlewares exactly as Serve's proxy applies them, in process.
+
+
+def _proxy_app(monkeypatch: pytest.MonkeyPatch, limit: int, answer):
+    """Serve's own middleware stacking (_apply_middlewares) over `answer`, the proxy's handler stand-in."""
+    from ray.serve._private.http_util import _apply_middlewares
+
+    from serve import proxy_gate
+
+    for key, value in proxy_gate.proxy_env(limit, 2.0).items():
+        monkeypatch.setenv(key, value)
+    return _apply_middlewares(answer, proxy_gate.middlewares())
+
+
+def test_the_proxys_own_plain_text_errors_become_the_json_error_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 2.60's proxy answers backpressure, an unavailable deployment and its timeout in text/plain."""
+    import asyncio
+
+    import httpx
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.http_util import get_http_response_status, send_http_response_on_exception
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    failures = {
+        "/full": BackPressureError(num_queued_requests=9, max_queued_requests=8, retry_after_s=3),
+        "/gone": DeploymentUnavailableError(DeploymentID(name="Ingress", app_name="captioner")),
+        "/slow": TimeoutError(),
+    }
+
+    async def proxy(scope, receive, send) -> None:
+        if scope["path"] in failures:  # what Serve's proxy sends when the handle call raises (proxy.py)
+            status = get_http_response_status(failures[scope["path"]], 60.0, "req-1")
+            for message in send_http_response_on_exception(status, response_started=False):
+                await send(message)
+            return
+        media = b"text/plain" if scope["path"] == "/-/healthz" else b"text/html"  # success: left as it is
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", media)]})
+        await send({"type": "http.response.body", "body": b"success"})
+
+    app = _proxy_app(monkeypatch, 0, proxy)
+
+    async def get_all() -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+            return {path: await client.get(path) for path in [*failures, "/-/healthz", "/"]}
+
+    answers = asyncio.run(get_all())
+    expected = {"/full": (503, "overloaded", "3"), "/gone": (503, "unavailable", "2"), "/slow": (408, "timeout", None)}
+    for path, (status, code, retry) in expected.items():
+        r = answers[path]
+        assert (r.status_code, r.headers["content-type"]) == (status, "application/json"), (path, r.headers)
+        body = r.json()
+        assert set(body) == {"error", "detail"} and body["error"] == code and body["detail"], (path, body)
+        assert r.headers.get("retry-after") == retry, (path, r.headers)
+        assert "x-request-id" in r.headers  # Serve's own headers survive
+    assert "backpressure" in answers["/full"].json()["detail"] and "timed out" in answers["/slow"].json()["detail"]
+    assert (answers["/-/healthz"].text, answers["/"].text) == ("success", "success")
+    assert answers["/-/healthz"].headers["content-type"] == "text/plain"
+
+
+def test_the_proxy_sheds_model_routes_before_any_handle_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond the limit, a model request gets the JSON 503 from the proxy itself; GETs are never shed."""
+    import asyncio
+
+    import httpx
+
+    release, calls = asyncio.Event(), []
+
+    async def proxy(scope, receive, send) -> None:  # stands in for the handle call to the ingress
+        calls.append((scope["method"], scope["path"]))
+        if scope["path"].startswith(("/shipped/v1", "/v1")):  # model work: busy until released
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    app = _proxy_app(monkeypatch, 2, proxy)
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+            held = [asyncio.create_task(client.post(f"/shipped/v1/{r}")) for r in ("caption", "decode")]
+            while len(calls) < 2:  # both slots taken
+                await asyncio.sleep(0.01)
+            now = [await client.post("/v1/encode"), await client.get("/healthz"), await client.post("/other")]
+            release.set()
+            return [*now, *(await asyncio.gather(*held)), await client.post("/v1/caption")]
+
+    shed_now, health, other, *admitted = asyncio.run(scenario())
+    assert shed_now.status_code == 503 and shed_now.headers["retry-after"] == "2", shed_now.headers
+    assert shed_now.json()["error"] == "overloaded" and "at the proxy" in shed_now.json()["detail"]
+    assert health.status_code == other.status_code == 200  # not a model route: never shed
+    assert [r.status_code for r in admitted] == [200, 200, 200]  # slots given back
+    assert ("POST", "/v1/encode") not in calls  # the shed request never reached the handle call
