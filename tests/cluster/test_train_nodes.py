@@ -98,6 +98,7 @@ def test_two_nodes_train_and_a_lost_node_resumes_from_the_last_checkpoint(
     assert result.metrics["epoch"] == EPOCHS  # finished, with the right epoch count
     # The new worker group restored the last checkpoint on storage: it started after epoch 1, not from scratch.
     assert 2 <= result.metrics["start_epoch"] <= EPOCHS
+    assert result.mlflow_run_id is None and result.model_uri is None  # tracking.enabled=false: no MLflow at all
     assert result.storage_path.startswith("file://")
     assert result.checkpoint_dir and Path(result.checkpoint_dir.removeprefix("file://")).is_relative_to(storage)
     assert (Path(result.checkpoint_dir.removeprefix("file://")) / "model.safetensors").exists()

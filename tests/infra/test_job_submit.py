@@ -29,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+COCO_FIXTURE = ROOT / "tests" / "fixtures" / "coco"
 RAY = shutil.which("ray", path=str(VENV_BIN)) or "ray"
 STARTUP_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 300
@@ -183,26 +184,28 @@ def submit(head: Head, *entrypoint: str) -> subprocess.CompletedProcess:
 
 
 def test_prepare_then_train_submitted_as_jobs(ray_head, tmp_path):
-    from jobs.make_shapes import make_shapes
-
-    # Absolute paths outside the repo: the job runs in its own copy of the working dir.
-    raw, prepared, runs = tmp_path / "shapes", tmp_path / "prepared", tmp_path / "runs"
+    # The README's real-COCO commands on the COCO-layout fixture (8 JPEGs, captions and instances JSON): the
+    # suite's one training on COCO data (two workers on an uneven split: tests/jobs/test_train_recipe.py).
+    # Absolute paths outside the job's copy of the working dir: the fixture is read where it is.
+    prepared, runs = tmp_path / "prepared", tmp_path / "runs"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    make_shapes(raw, per_class=2, val_per_class=0, image_size=32, seed=0)  # train only: val is held out of it
 
     started = time.monotonic()
     proc = submit(
         ray_head, "python", "-m", "jobs.prepare",
-        "--coco-root", str(raw), "--split", "train", "--out", str(prepared), "--image-size", "16",
+        "--coco-root", str(COCO_FIXTURE), "--split", "train2017", "--out", str(prepared), "--image-size", "16",
+        "--shard-rows", "3",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (prepared / "train" / "manifest.json").is_file()
+    assert (prepared / "train2017" / "manifest.json").is_file()
+    assert len(list((prepared / "train2017").glob("*.parquet"))) == 3  # 8 rows in shards of 3
     print(f"prepare job: {time.monotonic() - started:.1f}s")
 
     started = time.monotonic()
     proc = submit(
         ray_head, "python", "-m", "jobs.train", "--preset", "debug", "--data", str(prepared),
-        "--train.epochs=1", "--train.num_workers=1", "--train.run_name=submitted",
+        "--data.train_split=train2017", "--data.val_fraction=0.3",
+        "--train.epochs=1", "--train.num_workers=1", "--train.batch_size=2", "--train.run_name=submitted",
         f"--train.storage_path={runs}", f"--tracking.tracking_uri={tracking_uri}",
     )  # fmt: skip
     out = proc.stdout + proc.stderr

@@ -83,24 +83,6 @@ def test_evaluate_loads_the_registered_model_by_uri(two_worker_runs, mlflow_uri,
     assert f"| {report['exact_match_pct']:.2f}% |" in report["markdown"]
 
 
-def test_two_workers_train_on_the_coco_fixture(ray_local, prepared_coco, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    cfg = load_config(
-        "debug",
-        [
-            "--train.num_workers=2",
-            "--train.batch_size=2",
-            "--train.epochs=1",
-            "--data.train_split=train2017",
-            "--data.val_fraction=0.3",
-            "--tracking.enabled=false",
-        ],
-    )
-    result = train.run_training(cfg, str(prepared_coco), run_name="coco", storage_path=str(tmp_path / "runs"))
-    assert result.metrics["epoch"] == 1 and result.mlflow_run_id is None and result.model_uri is None
-    assert (Path(result.checkpoint_dir) / MODEL_FILE).is_file()
-
-
 # ---------------------------------------------------------------------------
 # Fail fast, before Ray is waited on
 
