@@ -52,6 +52,7 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    stages_ms: dict[str, list[float]] | None = None  # the ingress's timings_ms per request (split path only)
 
     @property
     def throughput(self) -> float:
@@ -59,6 +60,9 @@ class Result:
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def stage(self, name: str) -> float:
+        return float(np.median(self.stages_ms[name])) if self.stages_ms and self.stages_ms.get(name) else float("nan")
 
     def row(self) -> str:
         return (
@@ -106,6 +110,7 @@ def paired_latency(url: str, images: list[bytes], paths: dict[str, str], request
     latencies: dict[str, list[float]] = {name: [] for name in names}
     errors = dict.fromkeys(names, 0)
     busy = dict.fromkeys(names, 0.0)
+    stages: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     with httpx.Client(base_url=url, timeout=120) as client:
         for i in range(requests):
             for name in names if i % 2 == 0 else reversed(names):
@@ -120,9 +125,45 @@ def paired_latency(url: str, images: list[bytes], paths: dict[str, str], request
                 busy[name] += elapsed
                 if r.status_code == 200:
                     latencies[name].append(elapsed * 1e3)
+                    for stage, ms in r.json().get("timings_ms", {}).items():
+                        stages[name].setdefault(stage, []).append(ms)
                 else:
                     errors[name] += 1
-    return [Result(name, requests, errors[name], busy[name], latencies[name]) for name in names]
+    return [Result(name, requests, errors[name], busy[name], latencies[name], stages[name]) for name in names]
+
+
+def compute_ms(path: Path, images: list[bytes], reps: int = 20) -> dict[str, float]:
+    """p50 of each model stage run in this process at batch 1 (one torch thread, as the replicas run it).
+
+    What the hop adds is the rest: a stage's call as the ingress times it minus its compute here.
+    """
+    import torch
+
+    from model.checkpoint import load_model
+    from model.codec import decode_plan, encode_plan
+    from model.generation import generate
+    from model.transform import ImageTransform
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loaded = load_model(str(path))
+    transform = ImageTransform(loaded.config.model.image_size)
+    times: dict[str, list[float]] = {"encode": [], "decode": []}
+    try:
+        with torch.inference_mode():
+            for i in range(reps):
+                t0 = time.perf_counter()
+                plan = loaded.model.encoder(transform(images[i % len(images)])[None])  # (1, K, D)
+                wire = encode_plan(plan[0], fingerprint=loaded.fingerprint)
+                t1 = time.perf_counter()
+                plan = decode_plan(wire, expect_fingerprint=loaded.fingerprint)[None]  # (1, K, D)
+                generate(loaded.model.decoder, plan, max_new_tokens=MAX_NEW_TOKENS)
+                t2 = time.perf_counter()
+                times["encode"].append((t1 - t0) * 1e3)
+                times["decode"].append((t2 - t1) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {stage: float(np.median(ms[reps // 4 :])) for stage, ms in times.items()}
 
 
 def random_pngs(n: int, size: int = 64) -> list[bytes]:
@@ -317,11 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     results: list[Result] = []
     summary: list[str] = []
+    compute = compute_ms(path, images)
+    breakdown = [
+        "| topology | proxy + HTTP (client p50 - ingress) | ingress own | encoder call | its overhead | "
+        "decoder call | its overhead | single deployment: all overhead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for nodes in args.nodes:
         with topology(nodes) as where:
             on, off, (split_lat, fused_lat) = scenarios(args, where, path, images, results)
         speedup = on.throughput / off.throughput
         added = split_lat.pct(50) - fused_lat.pct(50)
+        enc, dec, ingress = (split_lat.stage(s) for s in ("encode", "decode", "total"))
+        breakdown.append(
+            f"| {where} | {split_lat.pct(50) - ingress:.1f} | {ingress - enc - dec:.1f} | {enc:.1f} | "
+            f"{enc - compute['encode']:.1f} | {dec:.1f} | {dec - compute['decode']:.1f} | "
+            f"{fused_lat.pct(50) - compute['encode'] - compute['decode']:.1f} |"
+        )
         summary.append(
             f"- {where}: single deployment p50 {fused_lat.pct(50):.1f} ms, split p50 {split_lat.pct(50):.1f} ms, "
             f"hop **{added:+.1f} ms** (target <= 3 ms); batching speed-up at {args.concurrency} clients "
@@ -329,7 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     load_after = os.getloadavg()[0]
     table = "\n".join([header, *(r.row() for r in results)])
-    print("\n" + "\n".join(summary))
+    compute_line = (
+        f"In-process compute at batch 1 (this process, one torch thread): encode {compute['encode']:.1f} ms "
+        f"(image decode, encoder, plan to bytes), decode {compute['decode']:.1f} ms (bytes to plan, "
+        f"{MAX_NEW_TOKENS} tokens). Where the split path's time goes (p50 ms, the ingress's timings_ms of the "
+        "1-client requests; a call's overhead is the call minus its compute):"
+    )
+    print("\n" + "\n".join(summary) + "\n\n" + compute_line + "\n" + "\n".join(breakdown))
     text = (
         f"{SECTION}\n\n"
         f"Command: `python -m benchmarks.serve_load` (requests {args.requests} per throughput scenario, "
@@ -342,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "and one torch thread per model replica; client, proxy and replicas share the machine over loopback. "
         '"2 nodes": the encoder and the decoder on their own raylets (encoder_node / decoder_node, as '
         "serve/config.yaml places them), the plan crossing between the two object stores.\n\n"
-        f"{table}\n\n" + "\n".join(summary) + "\n"
+        f"{table}\n\n" + "\n".join(summary) + "\n\n" + compute_line + "\n\n" + "\n".join(breakdown) + "\n"
     )
     if not args.no_write:
         write_section(text)

@@ -183,7 +183,12 @@ class Ingress:
     """Routes only: no model weights here, so it scales independently of both model halves."""
 
     def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, settings: dict[str, Any]) -> None:
-        self.encoder, self.decoder = encoder, decoder
+        # Handle calls over Serve's gRPC transport (the replicas' inter-deployment server), not actor calls
+        # through the object store: the plan (8 KiB) and the caption are small, and a hop costs less
+        # (benchmarks/RESULTS.md, the encoder -> decoder hop). Set here, since a handle's options travel
+        # pickled from the process that builds the app; a replica lost mid-call is ActorUnavailableError.
+        self.encoder = encoder.options(_by_reference=False)
+        self.decoder = decoder.options(_by_reference=False)
         self.settings = IngressSettings(**settings)
         # An empty string means "no key" as well, so a blank env var cannot lock everyone out by accident.
         self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV) or None

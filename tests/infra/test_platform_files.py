@@ -372,6 +372,9 @@ def declared_resources(group: dict) -> dict[str, float]:
     return json.loads(value) if isinstance(value, str) else value
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node declares it
+
+
 def test_rayservice_has_room_for_every_replica(rayservice):
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == constraints()["ray"]
@@ -383,6 +386,11 @@ def test_rayservice_has_room_for_every_replica(rayservice):
             opts = dep.get("ray_actor_options", {})
             cpus, gpus = opts.get("num_cpus", 1), opts.get("num_gpus", 0)
             roles = opts.get("resources", {})
+            if HEAD_RESOURCE in roles:  # pinned to the head: it must fit the Ray CPUs the head declares (0 here)
+                head = cluster["headGroupSpec"]
+                head_cpus = float(head["rayStartParams"].get("num-cpus", cpu_limit(head)))
+                assert cpus <= head_cpus and gpus == 0, f"{dep['name']} asks {cpus} CPU of the head's {head_cpus}"
+                continue
             fits = [
                 g
                 for g in groups

@@ -86,3 +86,15 @@ def test_serve_demo_without_a_training_run_says_what_to_do(tmp_path: Path) -> No
     proc = run_demo(["--run", str(tmp_path / "missing.json")])
     assert proc.returncode == 2
     assert "run `python -m jobs.demo` first" in proc.stderr
+
+
+def test_demo_declares_the_node_roles_but_not_the_ingress_head_pin() -> None:
+    """The local Ray plays every role; the Ingress's `node:__internal_head__` pin is Ray's own, on every head."""
+    from serve.demo import local_resources
+
+    args = shipped_config().app_args
+    pinned = args["deployment_options"]["Ingress"]["ray_actor_options"]["resources"]
+    assert "node:__internal_head__" in pinned  # serve/config.yaml keeps the Ingress beside the HeadOnly proxy
+    wanted = local_resources(args)
+    assert not any(name.startswith("node:") for name in wanted), wanted
+    assert wanted["encoder_node"] >= 4 and wanted["decoder_node"] >= 2  # max_replicas 4 encoders, 2 decoders
