@@ -21,6 +21,7 @@ spent ~10 of a 12 s burst's CPU seconds itself.
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -40,12 +41,20 @@ OLD_SIZING = {
 }
 
 
+CONFIGS = {
+    "before": "the old sizing, no admission limit anywhere",
+    "ingress": "serve/config.yaml without the proxy gate: admission in the Ingress only",
+    "after": "serve/config.yaml as shipped: the proxy gate (serve/proxy_gate.py) and the Ingress's",
+}
+
+
 @dataclass
 class Answer:
     status: int  # 0: no answer (connection error or the client timeout)
     seconds: float
     json_body: bool  # Content-Type application/json
     retry_after: str | None
+    timings_ms: dict[str, float] | None = None  # a 200's own {"encode", "decode", "total"} from the ingress
 
 
 @dataclass
@@ -56,6 +65,7 @@ class Burst:
     answers: list[Answer]
     client_cpu_s: float  # this process's CPU time over the burst: the client shares the machine
     healthz_ms: list[float]  # GET /healthz latencies, probed every 100 ms while the burst ran
+    server_cpu_s: dict[str, float]  # CPU seconds per server process kind over the burst (proxy, Ingress, ...)
 
     def of(self, status: int) -> list[Answer]:
         return [a for a in self.answers if a.status == status]
@@ -70,6 +80,19 @@ class Burst:
         done = [a.seconds for a in self.of(200)]
         return len(done) / max(done) if done else 0.0
 
+    def where(self) -> str:
+        """Where the 200s spent their time (median / max ms): before the ingress route ran, encode, decode."""
+        served = [a for a in self.of(200) if a.timings_ms]
+        if not served:
+            return "no 200s"
+        stages = {
+            "proxy+queue": [a.seconds * 1e3 - a.timings_ms["total"] for a in served],
+            "encode": [a.timings_ms["encode"] for a in served],
+            "decode": [a.timings_ms["decode"] for a in served],
+            "answered at": [a.seconds * 1e3 for a in served],
+        }
+        return "; ".join(f"{k} {np.median(v):.0f}/{max(v):.0f}" for k, v in stages.items())
+
     def row(self) -> str:
         counts = {}
         for a in self.answers:
@@ -83,7 +106,7 @@ class Burst:
             f"| {self.name} | {self.size} | {len(self.of(200))} | {len(shed)} ({shaped} JSON + Retry-After) | "
             f"{other} | {self.served_rate():.1f} | {self.pct(200, 50):.0f} | {self.pct(200, 99):.0f} | "
             f"{self.pct(503, 50):.0f} | {self.pct(503, 99):.0f} | {health} | {self.seconds:.1f} | "
-            f"{self.client_cpu_s:.1f} |"
+            f"{self.client_cpu_s:.1f} | {' '.join(f'{k} {v:.1f}' for k, v in sorted(self.server_cpu_s.items()))} |"
         )
 
 
@@ -121,13 +144,14 @@ async def burst(port: int, images: list[bytes], name: str, size: int, timeout_s:
 
     async def one(i: int) -> None:
         try:
-            status, headers, _ = await asyncio.wait_for(
+            status, headers, body = await asyncio.wait_for(
                 http_request(port, "POST", path, images[i % len(images)]), timeout_s
             )
         except (OSError, TimeoutError, IndexError, ValueError):
-            status, headers = 0, {}
+            status, headers, body = 0, {}, b""
         json_body = headers.get("content-type", "").startswith("application/json")
-        answers.append(Answer(status, time.perf_counter() - start, json_body, headers.get("retry-after")))
+        timings = json.loads(body)["timings_ms"] if status == 200 else None
+        answers.append(Answer(status, time.perf_counter() - start, json_body, headers.get("retry-after"), timings))
 
     async def probe(done: asyncio.Event) -> None:
         while not done.is_set():
@@ -137,14 +161,42 @@ async def burst(port: int, images: list[bytes], name: str, size: int, timeout_s:
                     healthz_ms.append((time.perf_counter() - t0) * 1e3)
             await asyncio.sleep(0.1)
 
-    cpu0 = sum(os.times()[:2])
+    cpu0, server0 = sum(os.times()[:2]), server_cpu()
     done = asyncio.Event()
     prober = asyncio.create_task(probe(done))
     await asyncio.gather(*(one(i) for i in range(size)))
     seconds = time.perf_counter() - start
     done.set()
     await prober
-    return Burst(name, size, seconds, answers, sum(os.times()[:2]) - cpu0, healthz_ms)
+    client_s = sum(os.times()[:2]) - cpu0
+    server = {k: v - server0.get(k, 0.0) for k, v in server_cpu().items()}
+    return Burst(name, size, seconds, answers, client_s, healthz_ms, server)
+
+
+def server_cpu() -> dict[str, float]:
+    """CPU seconds so far of this Ray instance's Serve processes, by kind (proxy, Ingress, PlanEncoder, ...).
+
+    Only descendants of this process count (the local Ray it started), not other Ray instances on the machine.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu, names = {}, {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            parent[int(pid)] = int(fields[1])
+            cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            names[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    me, totals = os.getpid(), {}
+    for pid, name in names.items():
+        kind = name.rpartition(":")[2] if "ServeReplica" in name else None  # ray::ServeReplica:app:Ingress
+        kind = "proxy" if name.startswith("ray::ProxyActor") else kind
+        ancestor = parent.get(pid)
+        while ancestor not in (None, 0, 1, me):
+            ancestor = parent.get(ancestor)
+        if kind and ancestor == me:
+            totals[kind] = totals.get(kind, 0.0) + cpu[pid]
+    return totals
 
 
 def app_args(path: Path, old: bool) -> dict:
@@ -185,7 +237,7 @@ async def closed_loop(port: int, images: list[bytes], clients: int, requests: in
 
 HEADER = (
     "| config | load | 200 | 503 | other | served req/s | p50 200 ms | p99 200 ms | p50 503 ms | p99 503 ms | "
-    "max /healthz ms | burst s | client CPU s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "max /healthz ms | burst s | client CPU s | server CPU s |\n" + "|---" * 14 + "|"
 )
 
 
@@ -193,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bursts", type=int, nargs="+", default=[600, 900])
     parser.add_argument("--peak-requests", type=int, default=128, help="closed-loop requests for the peak")
-    parser.add_argument("--configs", nargs="+", choices=["before", "after"], default=["before", "after"])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--timeout", type=float, default=180.0, help="client timeout per request, seconds")
     args = parser.parse_args(argv)
 
@@ -205,35 +257,37 @@ def main(argv: list[str] | None = None) -> int:
     from serve.app import build_app, shipped_config
 
     ensure_ray(num_cpus=4, log_to_driver=False)  # RAY_ADDRESS popped above: a fresh loopback instance
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    http = shipped_config(model="unused").http_options | {"host": "127.0.0.1", "port": port}
-    serve.start(http_options=http)
-    url = f"http://127.0.0.1:{port}"
+    shipped = shipped_config(model="unused")
     images = random_pngs(16)
     path = seed_checkpoint(Path(tempfile.mkdtemp(prefix="overload-")))
     rows: list[str] = []
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     try:
         for name in args.configs:
+            # Serve restarts per configuration: the proxy gate is set when the controller (and proxy) start.
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            controller = shipped.controller_options if name == "after" else None
+            serve.start(http_options=shipped.http_options | {"port": port}, controller_options=controller)
+            url = f"http://127.0.0.1:{port}"
             serve.run(build_app(app_args(path, name == "before")), name="overload", route_prefix="/")
             wait_ready(url)
             rate, latencies = asyncio.run(closed_loop(port, images, 32, args.peak_requests))
             p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
             rows.append(
                 f"| {name} | 32 clients, closed loop (peak) | {len(latencies)} | - | "
-                f"{args.peak_requests - len(latencies)} | {rate:.1f} | {p50:.0f} | {p99:.0f} | - | - | - | - | - |"
+                f"{args.peak_requests - len(latencies)} | {rate:.1f} | {p50:.0f} | {p99:.0f} | - | - | - | - | - | - |"
             )
             print(rows[-1], flush=True)
             for size in args.bursts:
                 result = asyncio.run(burst(port, images, name, size, args.timeout))
                 rows.append(result.row())
-                print(rows[-1], flush=True)
+                print(rows[-1], f"\n  200s, median/max ms: {result.where()}", flush=True)
                 time.sleep(2.0)  # let the queues drain between bursts
-            serve.delete("overload")
+            serve.shutdown()
     finally:
-        ray.shutdown()  # Serve goes with the local instance (serve.shutdown() here makes Ray print an error line)
+        ray.shutdown()  # Serve goes with the local instance
     print(f"\n{HEADER}\n" + "\n".join(rows))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
     return 0

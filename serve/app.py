@@ -98,6 +98,7 @@ class ShippedConfig:
 
     http_options: dict[str, Any]  # for serve.start(http_options=...)
     proxy_location: str  # for serve.start(proxy_location=...)
+    controller_options: dict[str, Any]  # for serve.start(controller_options=...): the proxies' gate (proxy_gate.py)
     app_args: dict[str, Any]  # for build_app(...): the app's args plus its deployments as deployment_options
     route_prefix: str
     name: str
@@ -113,6 +114,7 @@ def shipped_config(path: Path = CONFIG_PATH, **overrides: Any) -> ShippedConfig:
     return ShippedConfig(
         http_options=dict(config.get("http_options", {})),
         proxy_location=str(config.get("proxy_location", "HeadOnly")),
+        controller_options=dict(config.get("controller_options", {})),
         app_args=args,
         route_prefix=app.get("route_prefix", "/"),
         name=app["name"],

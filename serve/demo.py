@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = http_options.get("host", "127.0.0.1")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_options.get('port', 8000)}"
     print(f"== serving {model} at {url}")
-    serve.start(proxy_location=config.proxy_location, http_options=http_options)
+    serve.start(
+        proxy_location=config.proxy_location,
+        http_options=http_options,
+        controller_options=config.controller_options,  # the proxy gate (serve/proxy_gate.py)
+    )
     console.hush()  # Serve gives its driver-side logger a console handler when it starts
     serve.run(build_app(config.app_args), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
     try:

@@ -8,9 +8,10 @@
 
 Every failure is an `ApiError` (or a framework error given the same shape) with a precise status and a JSON
 body `{"error": code, "detail": message}` (serve/errors.py); the ingress and both deployments keep serving
-afterwards. Overload is shed here, not in the proxy (whose own 503 is plain text): at most
-`max_inflight_requests` model requests per ingress replica, the rest get 503 at once, with a Retry-After of
-the recent time an admitted request takes (serve/admission.py). A model
+afterwards. Overload is shed first in Serve's proxy (serve/proxy_gate.py: no hop to this replica, and the
+proxy's own errors get the same JSON shape), then here: at most `max_inflight_requests` model requests per
+ingress replica, the rest get 503 at once, with a Retry-After of the recent time an admitted request takes
+(serve/admission.py). A model
 replica that dies mid-request is retried once on another replica (encoding and decoding are idempotent),
 then answered with 503 + Retry-After.
 """

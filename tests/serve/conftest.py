@@ -125,11 +125,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def serve_url(ray_local) -> str:
-    """Serve started once per session, HTTP on a free loopback port."""
+    """Serve started once per session, HTTP on a free loopback port, the proxy gate as serve/config.yaml sets it."""
     from ray import serve
 
+    from serve.app import shipped_config
+
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    controller = shipped_config(model="unused").controller_options  # serve/proxy_gate.py in the proxy
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller)
     return f"http://127.0.0.1:{port}"
 
 

@@ -199,3 +199,19 @@ def test_the_proxy_sheds_model_routes_before_any_handle_call(monkeypatch: pytest
     assert health.status_code == other.status_code == 200  # not a model route: never shed
     assert [r.status_code for r in admitted] == [200, 200, 200]  # slots given back
     assert ("POST", "/v1/encode") not in calls  # the shed request never reached the handle call
+
+
+def test_serve_config_installs_the_proxy_gate_with_the_ingress_limit() -> None:
+    """serve/config.yaml's proxy environment: the gate's callback, the ingress's limit and Retry-After floor."""
+    from serve import proxy_gate
+    from serve.app import shipped_config
+
+    config = shipped_config(model="unused")
+    env = config.controller_options["runtime_env"]["env_vars"]
+    args = config.app_args
+    # The proxy then admits exactly what one ingress replica admits: with one proxy, the ingress never sheds.
+    assert env == proxy_gate.proxy_env(args["max_inflight_requests"], args["retry_after_s"]), env
+    encoder, decoder = (args["deployment_options"][name] for name in ("PlanEncoder", "PlanDecoder"))
+    # Admitted work never waits in Serve's router (it backs off up to 0.5 s a retry): the model halves take it all.
+    assert encoder["max_ongoing_requests"] >= args["max_inflight_requests"], encoder
+    assert decoder["max_ongoing_requests"] * decoder["num_replicas"] >= args["max_inflight_requests"], decoder
