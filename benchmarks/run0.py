@@ -1,6 +1,7 @@
 """The log's Run 0 as a learning curve, in one process: the production recipe, without Ray's orchestration.
 
-    python -m benchmarks.run0 [--steps N] [--per-class 400] [--eval-every 500] [--section.key=value ...]
+    python -m benchmarks.run0 [--steps N] [--per-class 400] [--eval-every 500] [--stop-on-train N]
+                              [--section.key=value ...]
 
 Draws the synthetic shapes set in memory with `jobs.make_shapes` (exactly the images it writes) and keeps each
 image as the PNG bytes `jobs.prepare --image-format png` stores. Training runs the production pieces: every
@@ -11,7 +12,9 @@ warmup-cosine schedule over train.epochs, clipping, EMA). What Ray adds on top (
 worker per process, DDP) is left out, so a recipe can be tried in minutes; `--steps` stops part way through
 the schedule. At each evaluation, on the held-out images: exact greedy captions, the 18-class probe on the
 mean-pooled plan, and how often the greedy caption names the right colour and the right shape. Try for
-example `--objective.category_weight=0` to see captioning alone stall at colour.
+example `--objective.category_weight=0` to see captioning alone stall at colour. `--stop-on-train N` ends the
+run early once the first N training images are all captioned exactly (a criterion on training data only; the
+held-out figures are then measured once, at that step).
 """
 
 from __future__ import annotations
@@ -106,6 +109,17 @@ class EpochStream:
 
 
 @torch.no_grad()
+def train_captions_exact(model: VLJEPA, train: ShapesSplit, tok: ByteTokenizer, count: int) -> bool:
+    """True when the greedy captions of the first `count` training images all match a reference: the stopping
+    test, on training data only. Decodes 64 images at a time and answers at the first miss (cheap early on)."""
+    for i in range(0, min(count, len(train)), 64):
+        end = min(i + 64, count)
+        if exact_match(caption_images(model, train.images[i:end], tok), train.captions[i:end]) < 1.0:
+            return False
+    return True
+
+
+@torch.no_grad()
 def evaluate(model: VLJEPA, train: ShapesSplit, val: ShapesSplit, tok: ByteTokenizer) -> dict[str, float]:
     """Held-out exact greedy captions, probe accuracy, colour and shape named right (all in %)."""
     captions: list[str] = []
@@ -135,10 +149,15 @@ def run(
     val_per_class: int,
     eval_every: int,
     model: VLJEPA | None = None,
+    stop_on_train: int = 0,
+    check_every: int = 125,
 ) -> list[dict[str, float]]:
     """Train on the schedule of cfg.train.epochs over the shapes set, stopping after `steps` steps (0: the whole
     schedule); returns one dict per evaluation (every `eval_every` steps and at the end).
-    `model`: train this freshly built model in place (benchmarks.wire keeps it), instead of a new one."""
+    `model`: train this freshly built model in place (benchmarks.wire keeps it), instead of a new one.
+    `stop_on_train` > 0: also stop at the first multiple of `check_every` steps at which the greedy captions
+    of the first `stop_on_train` TRAINING images are all exact (`train_captions_exact`); the held-out split
+    is only looked at by the evaluations, so it cannot pick the stopping step."""
     torch.manual_seed(cfg.train.seed)
     size = cfg.model.image_size
     train, val = ShapesSplit("train", per_class, size), ShapesSplit("val", val_per_class, size)
@@ -151,18 +170,23 @@ def run(
     scheduler = build_schedule(optimizer, cfg.train, per_epoch)
     device, autocast = torch.device("cpu"), _autocast(cfg, torch.device("cpu"))
     total = min(steps or cfg.train.epochs * per_epoch, cfg.train.epochs * per_epoch)
-    history, started, done = [], time.perf_counter(), 0
-    while done < total:
+    check_every = check_every if stop_on_train > 0 else total
+    history, started, done, stop = [], time.perf_counter(), 0, False
+    while done < total and not stop:
         epoch = done // per_epoch + 1
         stream = EpochStream(rows, cfg, epoch)
-        while done < min(total, epoch * per_epoch):
-            # Up to the next evaluation point or the end of the epoch, whichever comes first.
-            stream.take = min(eval_every - done % eval_every, epoch * per_epoch - done, total - done)
+        while done < min(total, epoch * per_epoch) and not stop:
+            # Up to the next evaluation or check point or the end of the epoch, whichever comes first.
+            stream.take = min(
+                eval_every - done % eval_every, check_every - done % check_every, epoch * per_epoch - done, total - done
+            )
             stats = train_epoch(
                 objective, objective, optimizer, scheduler, stream, cfg.train.batch_size, device, autocast, cfg, epoch
             )
             done += stream.take
-            if done % eval_every == 0 or done == total:
+            if stop_on_train > 0 and done % check_every == 0:
+                stop = train_captions_exact(model, train, tok, stop_on_train)
+            if done % eval_every == 0 or done == total or stop:
                 row = {
                     "step": float(done),
                     "epoch": float(epoch),
@@ -188,6 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=400, help="train images per class (the demo: 400)")
     parser.add_argument("--val-per-class", type=int, default=10, help="held-out images per class")
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument(
+        "--stop-on-train",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop once the greedy captions of the first N training images are all exact (checked every "
+        "--check-every steps; default 0: never)",
+    )
+    parser.add_argument("--check-every", type=int, default=125)
     parser.add_argument("--threads", type=int, default=2)
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
@@ -202,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_class=args.per_class,
         val_per_class=args.val_per_class,
         eval_every=args.eval_every,
+        stop_on_train=args.stop_on_train,
+        check_every=args.check_every,
     )
     return 0
 
