@@ -24,6 +24,7 @@ from model.tokenizer import PAD, ByteTokenizer
 from model.transform import normalize_uint8, open_image, resize_center_crop
 
 MAP_BATCH_ROWS = 256  # rows per map_batches call: big enough to amortise the call, small enough to stream
+EPOCH_MAP_ROWS = 128  # the materialised per-epoch map: 128 vs 256 rows measured ~+8% per epoch, same 1st batch
 
 
 @dataclass(frozen=True)

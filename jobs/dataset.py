@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.fs
 
 from jobs.batches import (
+    EPOCH_MAP_ROWS,
     MAP_BATCH_ROWS,
     Draw,
     MapConfig,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [  # this module's own API, then the re-exported pieces its callers use
     "CAPTION_BYTES_PER_ROW",
+    "EPOCH_MAP_ROWS",
     "MAP_BATCH_ROWS",
     "OBJECT_STORE_SHARE",
     "DataError",
@@ -202,8 +204,39 @@ def _read_shards(plan: RowPlan, shuffle: Any, num_cpus: float, extra: list[str] 
 
 
 def torch_batches(shard: Any, batch_size: int, cfg: Config, *, device: Any = "auto"):
-    """Worker side: `torch_batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg)` -> dicts of tensors."""
-    return shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=cfg.data.prefetch_batches, device=device)
+    """Worker side: `torch_batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg)` -> dicts of tensors.
+
+    Batches come as numpy and become tensors without a copy (`TensorCollate`) instead of going through Arrow
+    and a thread pool per batch (Ray's default collate); on 2 cores that measured from equal to ~15% faster
+    per epoch of the materialised ingest (benchmarks.data, RESULTS.md), never slower beyond noise.
+    """
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        prefetch_batches=cfg.data.prefetch_batches,
+        device=device,
+        collate_fn=_tensor_collate(),
+    )
+
+
+@functools.cache
+def _tensor_collate() -> Any:
+    """A `TensorCollate` instance; the class is defined on first use (importing this module imports no ray.data)."""
+    import warnings
+
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TensorCollate(NumpyBatchCollateFn):
+        """{column: (B, ...) ndarray} -> {column: tensor} sharing the arrays' memory."""
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            with warnings.catch_warnings():
+                # Arrays read from the object store are read-only; as in Ray's own conversion, nothing writes
+                # to a batch's tensors (the training step only reads them), so sharing is safe.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return {key: torch.from_numpy(value) for key, value in batch.items()}
+
+    return TensorCollate()
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +288,7 @@ def _materialized_train_dataset(
     return decoded.map_batches(
         train_batch,
         fn_kwargs={"plan": plan, "cfg": map_cfg, "permute": cfg.data.shuffle != "none", "draw": draw},
-        batch_size=MAP_BATCH_ROWS,  # 32-256 rows measured: smaller calls do not bring the first batch sooner
+        batch_size=EPOCH_MAP_ROWS,  # half a decoded block: measured faster steady, the 1st batch no sooner
         batch_format="numpy",
         num_cpus=cfg.data.num_cpus_per_map,
         zero_copy_batch=True,

@@ -7,15 +7,24 @@ import shutil
 import pytest
 import torch
 
-from jobs.dataset import CAPTION_BYTES_PER_ROW, build_train_dataset, choose_ingest, decoded_nbytes, epoch_clock
+from jobs.dataset import (
+    CAPTION_BYTES_PER_ROW,
+    build_train_dataset,
+    choose_ingest,
+    decoded_nbytes,
+    epoch_clock,
+    torch_batches,
+)
 from model.config import ConfigError, load_config
 from model.tokenizer import ByteTokenizer
 
 SHAPES_CFG = ["--model.image_size=32", "--model.max_seq_length=48"]
 
 
-def _epoch(ds) -> dict[str, torch.Tensor]:
-    batches = list(ds.iter_torch_batches(batch_size=32))
+def _epoch(ds, cfg=None) -> dict[str, torch.Tensor]:
+    """One epoch, through the training loop's `torch_batches` (zero-copy collate) when given its config,
+    else through Ray's default Arrow collate."""
+    batches = list(torch_batches(ds, 32, cfg) if cfg else ds.iter_torch_batches(batch_size=32))
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -54,9 +63,9 @@ def test_materialized_epochs_match_streaming_and_vary(prepared_shapes, tmp_path)
     epochs = []
     for epoch in (1, 2, 3):
         ray.get(clock.set.remote(epoch))  # what the training loop's rank 0 does before each epoch
-        epochs.append(_epoch(mat))
+        epochs.append(_epoch(mat, cfg))
     ray.get(clock.set.remote(2))
-    again = _epoch(mat)  # an epoch that comes round again (a resumed run) sees the same data
+    again = _epoch(mat, cfg)  # an epoch that comes round again (a resumed run) sees the same data
     ray.kill(clock)
     assert all(torch.equal(again[k], epochs[1][k]) for k in again)
     tok = ByteTokenizer(48)
@@ -64,6 +73,7 @@ def test_materialized_epochs_match_streaming_and_vary(prepared_shapes, tmp_path)
     for ep in epochs:
         assert sorted(ep["image_id"].tolist()) == sorted(ref_images)  # every image exactly once per epoch
         assert ep["images"].dtype == torch.float32 and ep["caption_ids"].shape == (len(ref_images), 48)
+        assert ep["caption_ids"].dtype == torch.int64 and ep["caption_mask"].dtype == torch.bool
         for image_id, pixels in _by_id(ep, "images").items():  # decoded once, normalised as when streaming
             assert torch.equal(pixels, ref_images[image_id])
         for image_id, categories in _by_id(ep, "categories").items():
