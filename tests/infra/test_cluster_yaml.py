@@ -134,6 +134,10 @@ def test_every_node_role_serve_and_train_ask_for_is_a_node_type(cluster):
             asked[role] = (opts.get("num_cpus", 1), opts.get("num_gpus", 0))
     assert {"encoder_node", "decoder_node"} <= set(asked), asked
     asked["train_node"] = (1, 1)  # a GPU training worker
+    # The Ingress sits on the head: every Ray head declares node:__internal_head__ itself (no node type lists it).
+    head = cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+    if (on_head := asked.pop("node:__internal_head__", None)) is not None:
+        assert head.get("CPU", 0) >= on_head[0] and head.get("GPU", 0) >= on_head[1], (on_head, head)
     for role, (cpus, gpus) in asked.items():
         hosts = [
             name
