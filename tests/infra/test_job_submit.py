@@ -185,7 +185,7 @@ def submit(head: Head, *entrypoint: str) -> subprocess.CompletedProcess:
 
 def test_prepare_then_train_submitted_as_jobs(ray_head, tmp_path):
     # The README's real-COCO commands on the COCO-layout fixture (8 JPEGs, captions and instances JSON): the
-    # suite's one training on COCO data (two workers on an uneven split: tests/jobs/test_train_recipe.py).
+    # suite's one training on COCO data (two workers on an uneven split: the shared runs of tests/jobs/test_train.py).
     # Absolute paths outside the job's copy of the working dir: the fixture is read where it is.
     prepared, runs = tmp_path / "prepared", tmp_path / "runs"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

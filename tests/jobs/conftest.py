@@ -51,14 +51,16 @@ def prepared_coco(ray_local, tmp_path_factory) -> Path:
 # the five fits these files made for themselves are three, and the interrupted run must now equal the
 # uninterrupted one bit for bit, which also proves two 2-worker runs repeat each other.
 
-# The debug preset on 48 shapes images (6 steps of 4 rows per worker per epoch), with the JEPA term on so an
-# EMA target exists; every epoch's checkpoint kept, so every epoch's metrics stay readable.
+# The debug preset on 49 shapes images (6 steps of 4 rows per worker per epoch), with the JEPA term on so an
+# EMA target exists; every epoch's checkpoint kept, so every epoch's metrics stay readable. 49 rows, not 48:
+# the equal split over 2 workers drops one, so the LR horizon must come from the steps the workers take (24
+# rows each in batches of 4: 6), not from the global batch (ceil(49 / 8) = 7, where the cosine never reaches 0).
 TWO_WORKER_OVERRIDES = [
     "--train.num_workers=2",
     "--train.batch_size=8",
     "--train.epochs=3",
     "--train.keep_checkpoints=3",
-    "--data.num_samples=48",
+    "--data.num_samples=49",
     "--objective.jepa_weight=0.5",
     "--train.eval_samples=1",
 ]

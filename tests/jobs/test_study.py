@@ -245,6 +245,9 @@ def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, pretraine
     import torch
     from mlflow import MlflowClient
 
+    from jobs.train_loop import VISION_FINGERPRINT_KEY
+    from model.checkpoint import model_fingerprint, read_metadata
+
     out = tmp_path / "report"
     argv = ["--data", str(prepared_scenes), "--quick", "--storage", str(tmp_path / "runs"), "--out", str(out)]
     argv += ["--model.image_size=16", "--model.max_seq_length=96"]
@@ -280,6 +283,14 @@ def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, pretraine
         assert torch.equal(after[name], tensor), name
     with safe_open(str(trained), framework="pt") as f, safe_open(str(pretrained_vision), framework="pt") as g:
         assert not torch.equal(f.get_tensor("decoder.head.weight"), g.get_tensor("decoder.head.weight"))
+    # Which weights it loaded is on record: their fingerprint in the checkpoint and in the arm's MLflow params
+    # (the suite's frozen-weights regression check: a frozen encoder was once randomly initialised, unrecorded).
+    fingerprint = model_fingerprint({k.removeprefix("encoder.vision."): v for k, v in pretrained.items()})
+    meta = read_metadata(trained)
+    assert meta[VISION_FINGERPRINT_KEY] == fingerprint and meta["vision_weights"] == str(pretrained_vision), meta
+    assert frozen.get("mlflow_run_id"), frozen
+    params = MlflowClient(frozen["tracking_uri"]).get_run(frozen["mlflow_run_id"]).data.params
+    assert params[VISION_FINGERPRINT_KEY] == fingerprint
     assert (out / "bits_vs_wire.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "verdict.txt").read_text().split("\n")[0] == verdict_line[0].removeprefix("study: verdict: ")
 

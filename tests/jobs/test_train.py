@@ -17,8 +17,8 @@ from model.config import load_config
 
 pytestmark = pytest.mark.ray
 
-# The runs: `two_worker_runs` in tests/jobs/conftest.py (the debug model on 48 shapes images, 6 steps of 8 per
-# epoch split over 2 workers, 3 epochs; the same fits serve test_reproducible.py).
+# The runs: `two_worker_runs` in tests/jobs/conftest.py (the debug model on 49 shapes images, an uneven split:
+# 6 steps of 4 rows per worker per epoch, 2 workers, 3 epochs; the same fits serve test_reproducible.py).
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,14 @@ def test_worker_killed_mid_epoch_recovers_from_last_checkpoint(two_worker_runs):
     assert killed.metrics["start_epoch"] == 2
     # The restored schedule went on from step 6 (not 0): 6 steps per worker per epoch, the cosine at 0 at the end.
     assert killed.metrics["steps"] == 6 and killed.metrics["lr"] == 0.0
+
+
+def test_lr_horizon_is_the_steps_the_workers_take_on_an_uneven_split(two_worker_runs):
+    # 49 rows over 2 workers: 24 each in batches of 4, 6 steps an epoch. A horizon from the global batch
+    # (ceil(49 / 8) = 7 steps an epoch) leaves the cosine above 0 at the end of epoch 3.
+    history = sorted(two_worker_runs.uninterrupted.history, key=lambda m: m["epoch"])
+    assert [m["steps"] for m in history] == [6, 6, 6]
+    assert history[0]["lr"] > 0 and history[-1]["lr"] == 0.0
 
 
 def test_same_run_name_resumes_instead_of_restarting(two_worker_runs):
