@@ -4,15 +4,20 @@ loop's validation pass and serving demos. The folder may be local or a URI (jobs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from jobs.shards import heldout_mask, holdout, locate, shard_locations
 from jobs.storage import Where
 from model.config import Config
 from model.transform import open_image, resize_center_crop, to_tensor
+
+if TYPE_CHECKING:
+    import torch
+# torch only inside load_split: jobs.dataset imports this module, and Ray processes that only unpickle the
+# pipeline (its epoch clock, Ray Data's split coordinator) never need it (see model/tokenizer.py).
 
 
 @dataclass
@@ -36,6 +41,8 @@ def load_split(
 
     `heldout=(fraction, keep_heldout)` applies the hold-out rule of `heldout_mask`.
     """
+    import torch
+
     out = EvalSet([], torch.zeros(0, 3, image_size, image_size), [], [], [])
     images: list[torch.Tensor] = []
     for shard in shard_locations(locate(data_dir) / split):

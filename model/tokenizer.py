@@ -10,9 +10,14 @@ instead of raising. Training and serving share this one class.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported where a tensor is made, not here: jobs.batches (the Ray Data transform) imports this module,
+# and so do Ray processes that only unpickle the pipeline (Ray Data's split coordinator, Ray Train's dataset
+# manager, jobs.dataset's epoch clock); importing torch cost each of them ~1.6 s of CPU in every fit.
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 NUM_SPECIALS = 4
@@ -38,7 +43,7 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Bytes up to the first EOS; specials (PAD, BOS, UNK) are skipped; never raises."""
-        if isinstance(ids, Tensor):
+        if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.reshape(-1).tolist()
         out = bytearray()
         for i in ids:
@@ -52,6 +57,8 @@ class ByteTokenizer:
 
     def batch(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Encode and right-pad to the longest: ids (B, T) long, mask (B, T) bool (True = real token)."""
+        import torch
+
         encoded = [self.encode(t) for t in texts]
         width = max((len(e) for e in encoded), default=0)
         ids = torch.full((len(encoded), width), PAD, dtype=torch.long)

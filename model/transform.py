@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
+# torch only in to_tensor: Ray processes that import jobs.batches just to unpickle the pipeline never need it
+# (see model/tokenizer.py).
 
 MAX_PIXELS = 64_000_000  # default decompression-bomb guard: 64 megapixels
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -168,6 +172,8 @@ def to_tensor(img: Image.Image) -> Tensor:
     """An RGB image -> (3, H, W) float32, ImageNet-normalised."""
     if img.mode != "RGB":
         raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode!r}")
+    import torch
+
     arr = np.asarray(img, dtype=np.uint8)[None]  # (1, H, W, 3)
     return torch.from_numpy(normalize_uint8(arr)[0])  # (3, H, W)
 
