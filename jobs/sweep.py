@@ -298,11 +298,10 @@ def run_sweep(
     )
 
 
-def orphaned_groups() -> list[bytes]:
-    """Ids of this job's placement groups that are not removed and whose creating actor is dead.
+def actor_groups() -> list[tuple[bytes, bool]]:
+    """(id, creator dead) of this job's placement groups that an actor created and that are not removed yet.
 
-    Such a group can never be used again (only its creator schedules into it) and Ray keeps it until the
-    job ends. Groups created by the driver itself (Tune's trial groups) and detached ones are never listed.
+    Groups created by the driver itself (Tune's trial groups) and detached ones are never listed.
     """
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
@@ -314,9 +313,18 @@ def orphaned_groups() -> list[bytes]:
         removed = pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
         # The driver's own groups (Tune's trial groups) have a nil creator actor, which Ray reports as dead.
         by_actor = pg.creator_actor_id != b"\xff" * len(pg.creator_actor_id)
-        if not removed and by_actor and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id == job:
-            out.append(pg.placement_group_id)
+        if not removed and by_actor and not pg.is_detached and pg.creator_job_id == job:
+            out.append((pg.placement_group_id, pg.creator_actor_dead))
     return out
+
+
+def orphaned_groups() -> list[bytes]:
+    """Ids of this job's actor-created groups whose creating actor is dead (see `actor_groups`).
+
+    Such a group can never be used again (only its creator schedules into it) and Ray keeps it until the
+    job ends.
+    """
+    return [pg_id for pg_id, dead in actor_groups() if dead]
 
 
 def release_orphaned_groups() -> int:
@@ -330,8 +338,14 @@ def release_orphaned_groups() -> int:
 
 
 @contextmanager
-def releasing_orphaned_groups(interval_s: float = 1.0) -> Iterator[None]:
-    """Release orphaned placement groups every `interval_s` while the block runs, and once after it."""
+def releasing_orphaned_groups(interval_s: float = 1.0, settle_s: float = 20.0) -> Iterator[None]:
+    """Release orphaned placement groups every `interval_s` while the block runs, and after it until none is left.
+
+    When `Tuner.fit` returns, the Train controller of the last stopped trial may still be shutting down: its
+    worker group's placement group is not orphaned yet (creator alive) and becomes so a moment later. So the
+    block waits up to `settle_s` for this job's actor-created groups to go, releasing each as its creator dies
+    (a single check right after `fit` left a train node's CPUs held in a CI run).
+    """
     stop = threading.Event()
 
     def release() -> None:
@@ -353,6 +367,10 @@ def releasing_orphaned_groups(interval_s: float = 1.0) -> Iterator[None]:
         stop.set()
         reaper.join(timeout=10)
         release()
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline and actor_groups():
+            time.sleep(0.2)
+            release()
 
 
 def make_scheduler(args: argparse.Namespace, epochs: int, metric: str, mode: str) -> Any:

@@ -60,6 +60,8 @@ def test_two_nodes_train_and_a_lost_node_resumes_from_the_last_checkpoint(
     run = storage / "two-nodes"
     seen: dict[str, object] = {}
 
+    # Everything free first: a group an earlier test left behind would otherwise make the restart wait forever.
+    wait_resources(local_cluster.total(), available=True, timeout_s=60)
     # The replacement joins before the loss: a raylet can only be started from the main thread (signal handlers).
     seen["replacement"] = local_cluster.add("train").node_id
 
