@@ -44,7 +44,17 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large"}
+# Error code for an HTTP status raised by a framework (FastAPI's routing, Serve's proxy) rather than by our code.
+HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "timeout",
+    413: "body_too_large",
+    499: "client_disconnected",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 
 def _location(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -70,7 +80,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        code = HTTP_ERROR_CODES.get(exc.status_code, f"http_{exc.status_code}")
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             detail = f"no route {request.url.path}; see /docs"

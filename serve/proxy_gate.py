@@ -29,15 +29,13 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.admission import Admission, AdmissionGate
-from serve.errors import retry_after
+from serve.errors import HTTP_ERROR_CODES, retry_after
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "serve.proxy_gate:middlewares"
 LIMIT_ENV = "VLJEPA_PROXY_MAX_INFLIGHT"
 RETRY_AFTER_ENV = "VLJEPA_PROXY_RETRY_AFTER_S"
 MODEL_ROUTES = ("/v1/caption", "/v1/encode", "/v1/decode")
-# The proxy's own statuses -> error codes; the detail is its message.
-_CODES = {404: "not_found", 408: "timeout", 499: "client_disconnected", 500: "internal_error", 503: "unavailable"}
 
 
 def proxy_env(limit: int, retry_after_s: float) -> dict[str, str]:
@@ -48,9 +46,10 @@ def proxy_env(limit: int, retry_after_s: float) -> dict[str, str]:
 def middlewares() -> list[Middleware]:
     """Serve's proxy callback: JsonErrors inside, then the ProxyGate (when a limit is set) outermost."""
     limit = int(os.environ.get(LIMIT_ENV) or 0)
-    stack = [Middleware(JsonErrors, retry_after_s=float(os.environ.get(RETRY_AFTER_ENV) or 1))]
+    floor_s = float(os.environ.get(RETRY_AFTER_ENV) or 1)
+    stack = [Middleware(JsonErrors, retry_after_s=floor_s)]
     if limit > 0:
-        admission = Admission(limit, float(os.environ.get(RETRY_AFTER_ENV) or 1), where="proxy")
+        admission = Admission(limit, floor_s, where="proxy")
         stack.append(Middleware(AdmissionGate, routes=MODEL_ROUTES, admission=admission))
     return stack
 
@@ -89,7 +88,7 @@ class JsonErrors:
         status = int(start["status"])
         kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
         names = {k.lower() for k, _ in kept}
-        code = _CODES.get(status, f"http_{status}")
+        code = HTTP_ERROR_CODES.get(status, f"http_{status}")
         if status == 503:
             if b"retry-after" in names:
                 code = "overloaded"  # a full Serve queue (backpressure) says when to come back
