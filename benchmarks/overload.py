@@ -3,12 +3,13 @@
     python -m benchmarks.overload [--bursts 600 900] [--peak-requests 128] [--configs before after]
 
 The same untrained seed-config model (K=16, D=256, 64x64, 32 new tokens a request) as benchmarks.serve_load,
-on a local Ray over loopback, one encoder replica. Two configurations:
+on a local Ray over loopback, one ingress replica (HTTP + encoder, as serve/config.yaml ships it). Configurations:
 
-  before  the old sizing: ingress 256 ongoing + 512 queued, model halves 64 + 256, one decoder replica,
+  before  the old sizing: ingress 256 ongoing + 512 queued, decoder 64 + 256, one decoder replica,
           no admission limit (every request waits its turn, however long the queue);
-  after   serve/config.yaml as shipped: ingress admits max_inflight_requests (64) and answers the rest
-          503 + Retry-After at once; model halves 32 + 64; two decoder replicas.
+  ingress serve/config.yaml without the proxy gate: admission in the ingress only;
+  after   serve/config.yaml as shipped: the proxy and the ingress admit max_inflight_requests (64) and answer
+          the rest 503 + Retry-After at once; decoder 32 + 64; two decoder replicas.
 
 For each: the peak (32 clients in a closed loop), then each burst fired at once, each request on its own
 connection, with GET /healthz probed every 100 ms alongside. Printed per run: answered 200 / 503 (and how
@@ -34,9 +35,10 @@ import numpy as np
 
 from benchmarks.serve_load import MAX_NEW_TOKENS, machine, random_pngs, seed_checkpoint, wait_ready
 
+# The old queue sizing of the deployments that still exist (the separate PlanEncoder deployment is gone: the
+# Ingress now holds the encoder, see serve/ingress.py).
 OLD_SIZING = {
     "Ingress": {"max_ongoing_requests": 256, "max_queued_requests": 512},
-    "PlanEncoder": {"max_ongoing_requests": 64, "max_queued_requests": 256},
     "PlanDecoder": {"max_ongoing_requests": 64, "max_queued_requests": 256, "num_replicas": 1},
 }
 
@@ -174,7 +176,7 @@ async def burst(port: int, images: list[bytes], name: str, size: int, timeout_s:
 
 
 def server_cpu() -> dict[str, float]:
-    """CPU seconds so far of this Ray instance's Serve processes, by kind (proxy, Ingress, PlanEncoder, ...).
+    """CPU seconds so far of this Ray instance's Serve processes, by kind (proxy, Ingress, PlanDecoder, ...).
 
     Only descendants of this process count (the local Ray it started), not other Ray instances on the machine.
     """
@@ -207,9 +209,9 @@ def app_args(path: Path, old: bool) -> dict:
         options["ray_actor_options"].pop("resources", None)  # one node plays every role
         if old:
             options.update(OLD_SIZING[name])
-    encoder = args["deployment_options"]["PlanEncoder"]
-    encoder.pop("autoscaling_config", None)
-    encoder["num_replicas"] = 1  # the same compute in both runs: 2 cores cannot feed more replicas anyway
+    ingress = args["deployment_options"]["Ingress"]  # HTTP + encoder
+    ingress.pop("autoscaling_config", None)
+    ingress["num_replicas"] = 1  # the same compute in both runs: 2 cores cannot feed more replicas anyway
     if old:
         args["max_inflight_requests"] = 10**6  # no admission limit, as before
     return args

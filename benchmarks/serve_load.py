@@ -7,14 +7,16 @@ random weights decode the full token budget every time, which is the worst case 
 
   (a) batching on (serve/config.yaml's max_batch_size) vs off (max_batch_size 1) for both halves,
       32 concurrent clients;
-  (b) the hop: the split app exactly as serve/config.yaml ships it (HTTP -> ingress -> encoder -> plan
-      bytes -> decoder) vs one deployment doing image -> caption in-process with the same batching,
-      1 client. Both applications run side by side and the requests alternate between them (ABBA
-      order), so drift in the machine's load falls on both paths alike.
+  (b) the hop: the split app exactly as serve/config.yaml ships it (HTTP -> ingress, which encodes the
+      image in its own replica -> plan bytes by one handle call -> decoder) vs one deployment doing
+      image -> caption in-process with the same batching, 1 client. Both applications run side by side
+      and the requests alternate between them (ABBA order), so drift in the machine's load falls on both
+      paths alike.
 
 Both run on one Ray node (playing the encoder and the decoder role), then again across two nodes: a head
-(proxy, ingress, the single deployment) plus an encoder node and a decoder node, each its own raylet and
-object store (`ray.cluster_utils.Cluster`), placed by serve/config.yaml's node-role resources.
+(the HeadOnly proxy, the single deployment) plus an encoder node (the ingress + encoder) and a decoder node,
+each its own raylet and object store (`ray.cluster_utils.Cluster`), placed by serve/config.yaml's node-role
+resources.
 Every scenario is bounded by a request count and a wall-clock cap, and talks to 127.0.0.1 only.
 The figures replace benchmarks/RESULTS.md's section named in SECTION.
 """
@@ -247,12 +249,13 @@ def split_app(path: Path, batch: int | None = None):
     """The shipped app: serve/config.yaml's args and deployment options, the model at `path`.
 
     `batch` replaces max_batch_size (1 = batching off; the wait stays the shipped one). One replica per model
-    half keeps the batching comparison about batching (the config lets the encoder autoscale).
+    half keeps the batching comparison about batching (the config lets the ingress + encoder autoscale, and
+    ships two decoders for failover).
     """
     from serve.app import build_app, shipped_config
 
     args = shipped_config(model=str(path)).app_args
-    for name in ("PlanEncoder", "PlanDecoder"):
+    for name in ("Ingress", "PlanDecoder"):  # Ingress: HTTP + encoder
         options = args["deployment_options"][name]
         options.pop("autoscaling_config", None)
         options["num_replicas"] = 1
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: list[str] = []
     compute = compute_ms(path, images)
     breakdown = [
-        "| topology | proxy + HTTP (client p50 - ingress) | ingress own | encoder call | its overhead | "
+        "| topology | proxy + HTTP (client p50 - ingress) | ingress own | encode (in the ingress) | its overhead | "
         "decoder call | its overhead | single deployment: all overhead |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         f"In-process compute at batch 1 (this process, one torch thread): encode {compute['encode']:.1f} ms "
         f"(image decode, encoder, plan to bytes), decode {compute['decode']:.1f} ms (bytes to plan, "
         f"{MAX_NEW_TOKENS} tokens). Where the split path's time goes (p50 ms, the ingress's timings_ms of the "
-        "1-client requests; a call's overhead is the call minus its compute):"
+        "1-client requests; a stage's overhead is its time minus the compute; the decoder call's is the hop):"
     )
     print("\n" + "\n".join(summary) + "\n\n" + compute_line + "\n" + "\n".join(breakdown))
     text = (
@@ -399,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Untrained seed-config model (D=256, K=16, 64x64), {MAX_NEW_TOKENS} new tokens per request (random weights "
         f"never emit EOS, so every request decodes the full budget), plan fp16 ({16 * 256 * 2 + 18} bytes); one CPU "
         "and one torch thread per model replica; client, proxy and replicas share the machine over loopback. "
-        '"2 nodes": the encoder and the decoder on their own raylets (encoder_node / decoder_node, as '
-        "serve/config.yaml places them), the plan crossing between the two object stores.\n\n"
+        '"2 nodes": the ingress + encoder and the decoder on their own raylets (encoder_node / decoder_node, as '
+        "serve/config.yaml places them), the proxy on the head, the plan crossing from one node to the other "
+        "by one handle call over Serve's gRPC transport.\n\n"
         f"{table}\n\n" + "\n".join(summary) + "\n\n" + compute_line + "\n\n" + "\n".join(breakdown) + "\n"
     )
     if not args.no_write:
@@ -418,7 +422,7 @@ def scenarios(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})  # as shipped
     url = f"http://127.0.0.1:{port}"
 
     def run(name: str, concurrency: int, requests: int) -> Result:

@@ -1,7 +1,9 @@
 """The Serve application builder: `serve run serve/config.yaml`, `serve deploy`, or `serve.run(build_app(args))`.
 
-    Ingress (FastAPI) --handle--> PlanEncoder (image -> plan bytes)
-                      --handle--> PlanDecoder (plan bytes -> caption)
+    Ingress (FastAPI + the encoder: image -> plan bytes) --handle--> PlanDecoder (plan bytes -> caption)
+
+Two deployments, each scaled on its own: the Ingress on encoder nodes (HTTP, admission and encoding in one
+replica, so the image never makes a hop), the PlanDecoder on decoder nodes.
 
 `args` is the `args:` mapping of the application in the Serve config. It is validated here (unknown keys and
 out-of-range values are errors at deploy time, not at the first request). Replica counts, CPUs/GPUs, queue
@@ -23,11 +25,11 @@ from ray import serve
 from ray.serve import Application
 
 from jobs.checkpoints import is_mlflow_uri, resolve_tracking_uri
-from serve.deployments import PlanDecoder, PlanEncoder
+from serve.deployments import PlanDecoder
 from serve.ingress import Ingress
 
 DEFAULT_MODEL = "models:/vl-jepa-captioner@champion"
-DEPLOYMENT_NAMES = ("Ingress", "PlanEncoder", "PlanDecoder")
+DEPLOYMENT_NAMES = ("Ingress", "PlanDecoder")  # Ingress: HTTP + encoder
 CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
 # The model reads 32-64 px squares; 4096 x 4096 still takes a 16 MP photo whole, and caps one decode at
 # ~50 MB of RGB (plus ~4 bytes a pixel transiently for 16-bit input), times max_concurrent_decodes per replica.
@@ -60,7 +62,7 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
-    """Bind the three deployments into one application."""
+    """Bind the two deployments into one application."""
     opts = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     unknown = sorted(set(opts.deployment_options) - set(DEPLOYMENT_NAMES))
     if unknown:
@@ -73,12 +75,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     # Resolved here, once: every replica then reads the same store, whatever directory it runs in.
     tracking_uri = resolve_tracking_uri(opts.mlflow_tracking_uri) if is_mlflow_uri(opts.model) else None
     model_args = {"source": opts.model, "tracking_uri": tracking_uri, "torch_threads": opts.torch_threads}
-    encoder = configured(PlanEncoder).bind(
+    encoder = {
         **model_args,
-        max_pixels=opts.max_pixels,
-        plan_dtype=opts.plan_dtype,
-        max_concurrent_decodes=opts.max_concurrent_decodes,
-    )
+        "max_pixels": opts.max_pixels,
+        "plan_dtype": opts.plan_dtype,
+        "max_concurrent_decodes": opts.max_concurrent_decodes,
+    }
     decoder = configured(PlanDecoder).bind(**model_args)
     settings = {
         "api_key": opts.api_key,
@@ -89,7 +91,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         "retry_after_s": opts.retry_after_s,
         "default_max_new_tokens": opts.default_max_new_tokens,
     }
-    return configured(Ingress).bind(encoder, decoder, settings)
+    return configured(Ingress).bind(decoder, settings, encoder)
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def local_resources(app_args: dict[str, Any]) -> dict[str, float]:
     wanted: dict[str, float] = {}
     for options in app_args.get("deployment_options", {}).values():
         for name, amount in options.get("ray_actor_options", {}).get("resources", {}).items():
-            if name.startswith("node:"):  # Ray's own per-node resources (the Ingress's head pin): every head has them
+            if name.startswith("node:"):  # Ray's own per-node resources (a head pin): every head has them
                 continue
             replicas = options.get("num_replicas") or options.get("autoscaling_config", {}).get("max_replicas", 1)
             wanted[name] = wanted.get(name, 0.0) + float(amount) * int(replicas)

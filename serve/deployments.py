@@ -1,6 +1,8 @@
-"""The two model halves as Serve deployments, each scaled on its own.
+"""The two model halves: the encoder, held by the HTTP replica, and the decoder, a deployment of its own.
 
     PlanEncoder: image bytes -> (decode, resize, normalise) -> batch (B, 3, S, S) -> plan (B, K, D) -> codec bytes
+                 (not a deployment: serve.ingress.Ingress holds one per replica, so an image is encoded where
+                 it arrives and only the plan makes a handle call)
     PlanDecoder: codec bytes -> plan (K, D) -> batch (B, K, D) -> KV-cached generation -> caption
 
 Per-request work that can fail on bad input (image decoding, plan parsing, parameter checks) happens
@@ -8,15 +10,17 @@ before a request joins a batch, and a batch that fails anyway is re-run row by r
 never fails its batch neighbours. A client's mistake is *returned* as a `Rejected` value, not raised:
 Serve logs every exception a replica raises at ERROR with its traceback, and a bad upload is not an
 incident (it gets one INFO line here). Image decoding runs in a worker thread, at most
-`max_concurrent_decodes` at once per replica (a decoded image can be ~50 MB at the pixel limit); the
-batched model call runs on the replica's user-code event loop on purpose. Handed to a thread, the
-Python-heavy generation loop held the GIL against the thread that admits requests, so batches stayed at
-1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests pile up while a
-batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). For the same reason batches need no
-wait timer (`batch_wait_timeout_s` 0): under load they fill from the queue that built up during the
-last batch, while a lone request would sit the timer out at each stage (the split path: twice).
-Serve answers health checks on its own loop meanwhile. Batch sizes come from `user_config` and are applied in
-`reconfigure()`, so `serve deploy` can change them without restarting replicas.
+`max_concurrent_decodes` at once per replica (a decoded image can be ~50 MB at the pixel limit).
+
+Where each batch computes differs on purpose. The encoder's batch (a few large tensor ops that release the
+GIL) runs in a worker thread, so the HTTP replica's event loop keeps answering /healthz and admitting or
+shedding requests meanwhile. The decoder's batch runs on its replica's user-code event loop: handed to a
+thread, the Python-heavy generation loop held the GIL against the thread that admits requests, so batches
+stayed at 1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests pile up while
+a batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). For the same reason
+batches need no wait timer (`batch_wait_timeout_s` 0): under load they fill from the queue that built up
+during the last batch, while a lone request would sit the timer out. Batch sizes come from `user_config`
+and are applied in `reconfigure()`, so `serve deploy` can change them without restarting replicas.
 """
 
 from __future__ import annotations
@@ -91,15 +95,12 @@ def _load(source: str, tracking_uri: str | None, torch_threads: int) -> Resolved
     return resolve_checkpoint(source, tracking_uri=tracking_uri)  # the same rule as jobs.evaluate
 
 
-@serve.deployment(
-    name="PlanEncoder",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=32,
-    max_queued_requests=64,
-    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
-)
 class PlanEncoder:
-    """Image encoder, text encoder, fusion and predictor: image bytes -> plan bytes."""
+    """Image encoder, text encoder, fusion and predictor: image bytes -> plan bytes, batched.
+
+    Not a deployment: the Ingress replica holds one (serve/ingress.py), its `user_config` sets the batch
+    size, and its autoscaling_config scales HTTP and encoding together.
+    """
 
     def __init__(
         self,
@@ -153,8 +154,13 @@ class PlanEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, images: list[torch.Tensor]) -> list[bytes]:
-        plans = self.plans(torch.stack(images))  # (B, K, D)
-        return [encode_plan(p, fingerprint=self.fingerprint, dtype=self.plan_dtype) for p in plans]
+        # In a thread: the event loop meanwhile admits requests (which queue up for the next batch) and
+        # answers /healthz; the forward's tensor ops release the GIL.
+        return await asyncio.to_thread(self.plan_bytes, torch.stack(images))  # (B, 3, S, S)
+
+    def plan_bytes(self, images: torch.Tensor) -> list[bytes]:
+        """(B, 3, S, S) -> B plans in the codec wire format."""
+        return [encode_plan(p, fingerprint=self.fingerprint, dtype=self.plan_dtype) for p in self.plans(images)]
 
     @torch.inference_mode()  # grad mode is per thread: set it on the thread that runs the model
     def plans(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""HTTP front door: a FastAPI app whose routes call the encoder and decoder through deployment handles.
+"""HTTP front door and encoder: a FastAPI app that encodes images in its own replica and calls the decoder.
 
-    POST /v1/caption  image -> encoder -> plan bytes -> decoder -> {"caption", "plan_bytes", "model", "timings_ms"}
-    POST /v1/encode   image -> plan (application/octet-stream, model.codec wire format)
+    POST /v1/caption  image -> encoder (here) -> plan bytes -> decoder (handle call) -> {"caption", "plan_bytes",
+                      "model", "timings_ms"}
+    POST /v1/encode   image -> plan (application/octet-stream, model.codec wire format); no handle call
     POST /v1/decode   plan bytes -> {"caption", ...}   (a plan made on one machine, decoded on another)
     GET  /v1/model    K, D, dtype, plan size, fingerprint, source
     GET  /healthz     liveness, no auth, never waits for model work;  /docs and /openapi.json for the API
@@ -11,18 +12,20 @@ body `{"error": code, "detail": message}` (serve/errors.py); the ingress and bot
 afterwards. Overload is shed first in Serve's proxy (serve/proxy_gate.py: no hop to this replica, and the
 proxy's own errors get the same JSON shape), then here: at most `max_inflight_requests` model requests per
 ingress replica, the rest get 503 at once, with a Retry-After of the recent time an admitted request takes
-(serve/admission.py). A model
-replica that dies mid-request is retried once on another replica (encoding and decoding are idempotent),
-then answered with 503 + Retry-After.
+(serve/admission.py). A decoder
+replica that dies mid-request is retried once on another replica (decoding is idempotent), then answered
+with 503 + Retry-After (serve/stages.py).
+
+The image is encoded where it arrives: this replica holds the encoder (serve.deployments.PlanEncoder) and
+runs on an encoder node, so the only hop inside the app is the plan's, to a decoder node. A separate encoder
+deployment cost a second handle call and ~10 ms a request more (benchmarks/RESULTS.md, the hop).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real parameter types through
 # Serve's class-based-view rewrite of the route methods.
-import asyncio
 import contextlib
 import copy
 import hmac
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -34,15 +37,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from serve import errors, page
+from serve import errors, page, stages
 from serve.admission import Admission, AdmissionGate
 from serve.bodies import multipart_file, read_body
-from serve.deployments import MAX_TEMPERATURE, Rejected
-from serve.errors import ApiError, retry_after
+from serve.deployments import MAX_TEMPERATURE, PlanEncoder
+from serve.errors import ApiError
 
 API_KEY_ENV = "VLJEPA_API_KEY"
 PLAN_MEDIA_TYPE = "application/octet-stream"
@@ -50,18 +51,6 @@ MAX_NEW_TOKENS_CAP = 1024  # static bound until the model is known; /openapi.jso
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
 # Image bodies may be raw (image/*, octet-stream, or no Content-Type) or a multipart upload.
 _RAW_IMAGE_TYPES = ("application/octet-stream", "")
-# Rejected.reason -> HTTP status: the pixel guard is a size limit (413), a pixel format or image format we
-# do not take is an unsupported media type (415), a plan from another model a conflict (409), a bad plan or
-# parameter 422, everything else (empty, not an image, truncated, corrupt) a malformed body (400).
-_REJECTED_STATUS = {
-    "too_many_pixels": 413,
-    "unsupported_mode": 415,
-    "unsupported_format": 415,
-    "plan_fingerprint_mismatch": 409,
-    "invalid_plan": 422,
-    "invalid_parameter": 422,
-}
-log = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -105,7 +94,7 @@ _PLAN_BODY = {
 api = FastAPI(
     title="VL-JEPA captioner",
     version="1",
-    description="Captions images through a compact latent plan: encoder deployment -> plan bytes -> decoder. "
+    description="Captions images through a compact latent plan: encoder -> plan bytes -> decoder deployment. "
     'Every error answers {"error": code, "detail": message}.',
     openapi_url=None,  # served by Ingress.openapi below, with the served model's own max_new_tokens bound
     docs_url=None,
@@ -128,10 +117,6 @@ _DECODE_ERRORS = errors.COMMON | errors.BODY | errors.PLAN | errors.OVERLOAD
 # so names it uses must already exist.
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-async def _resolve(response: DeploymentResponse) -> Any:
-    return await response
 
 
 def _media_type(request: Request) -> str:
@@ -163,13 +148,6 @@ def _with_token_limit(schema: dict[str, Any], limit: int) -> dict[str, Any]:
     return schema
 
 
-def _replica_gone(exc: BaseException) -> bool:
-    """A replica died or is unreachable (not a bug in the request): worth one retry elsewhere."""
-    if isinstance(exc, RayTaskError):
-        return isinstance(exc.cause, RayActorError)
-    return isinstance(exc, RayActorError)
-
-
 @serve.deployment(
     name="Ingress",
     # Cheap async slots: bodies trickle in and are shed here (max_inflight_requests) long before this fills,
@@ -177,18 +155,24 @@ def _replica_gone(exc: BaseException) -> bool:
     max_ongoing_requests=1024,
     max_queued_requests=2048,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
-    ray_actor_options={"num_cpus": 0.1},
+    ray_actor_options={"num_cpus": 1},
+    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0},  # the encoder's batching
 )
 @serve.ingress(api)
 class Ingress:
-    """Routes only: no model weights here, so it scales independently of both model halves."""
+    """HTTP + encoder: routes, admission and the encoder half; the decoder is a deployment of its own.
 
-    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, settings: dict[str, Any]) -> None:
-        # Handle calls over Serve's gRPC transport (the replicas' inter-deployment server), not actor calls
+    Replicas scale by this deployment's autoscaling_config (HTTP and encoding together), the decoder by its
+    own. Encoding work runs in threads (serve.deployments.PlanEncoder), so this event loop stays free for
+    /healthz and admission while a batch computes.
+    """
+
+    def __init__(self, decoder: DeploymentHandle, settings: dict[str, Any], encoder: dict[str, Any]) -> None:
+        self.encoder = PlanEncoder(**encoder)
+        # Decoder calls over Serve's gRPC transport (the replicas' inter-deployment server), not actor calls
         # through the object store: the plan (8 KiB) and the caption are small, and a hop costs less
         # (benchmarks/RESULTS.md, the encoder -> decoder hop). Set here, since a handle's options travel
         # pickled from the process that builds the app; a replica lost mid-call is ActorUnavailableError.
-        self.encoder = encoder.options(_by_reference=False)
         self.decoder = decoder.options(_by_reference=False)
         self.settings = IngressSettings(**settings)
         # An empty string means "no key" as well, so a blank env var cannot lock everyone out by accident.
@@ -196,6 +180,10 @@ class Ingress:
         self._model: dict[str, Any] | None = None
         self.admission = Admission(self.settings.max_inflight_requests, self.settings.retry_after_s)
         api.state.admission = self.admission  # read by AdmissionGate (one Ingress per replica process)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """user_config is the encoder's batching (max_batch_size, batch_wait_timeout_s), applied live."""
+        self.encoder.reconfigure(user_config)
 
     # ------------------------------------------------------------------ routes
 
@@ -235,9 +223,9 @@ class Ingress:
         info, max_new_tokens = await self._limits(max_new_tokens)
         image = await self._read_image(request)
         t0 = time.perf_counter()
-        plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
+        plan = await self._encode(image)
         t1 = time.perf_counter()
-        text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+        text = await self._decode(plan, max_new_tokens, temperature)
         t2 = time.perf_counter()
         return {
             "caption": text,
@@ -262,7 +250,7 @@ class Ingress:
         """An image -> its latent plan (header + K x D payload), ready to ship to any decoder of the same model."""
         self._authorize(credentials)
         image = await self._read_image(request)
-        plan = await self._call(lambda: self.encoder.encode.remote(image), "encoder")
+        plan = await self._encode(image)
         return Response(content=plan, media_type=PLAN_MEDIA_TYPE, headers={"X-Plan-Bytes": str(len(plan))})
 
     @api.post("/v1/decode", tags=["plan"], openapi_extra=_PLAN_BODY, responses=_DECODE_ERRORS)
@@ -284,7 +272,7 @@ class Ingress:
         if not plan:
             raise ApiError(400, "empty_body", "request body is empty: send the plan bytes from /v1/encode")
         t0 = time.perf_counter()
-        text = await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+        text = await self._decode(plan, max_new_tokens, temperature)
         t1 = time.perf_counter()
         return {
             "caption": text,
@@ -310,10 +298,13 @@ class Ingress:
         return info, self._check_max_new_tokens(max_new_tokens, info)
 
     async def _model_info(self) -> dict[str, Any]:
-        if self._model is None:  # both halves come from one checkpoint; ask each once and keep the answer
-            enc = await self._call(self.encoder.info.remote, "encoder")
+        if self._model is None:  # both halves come from one checkpoint; ask the decoder once and keep the answer
             dec = await self._call(self.decoder.info.remote, "decoder")
-            self._model = {**enc, "decoder_fingerprint": dec["fingerprint"], "max_new_tokens": dec["max_new_tokens"]}
+            self._model = {
+                **self.encoder.info(),
+                "decoder_fingerprint": dec["fingerprint"],
+                "max_new_tokens": dec["max_new_tokens"],
+            }
         return self._model
 
     def _check_max_new_tokens(self, requested: int | None, info: dict[str, Any]) -> int:
@@ -345,36 +336,11 @@ class Ingress:
     async def _read_body(self, request: Request) -> bytes:
         return await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
 
-    async def _call(self, make: Callable[[], DeploymentResponse], stage: str) -> Any:
-        """Await a handle call within the request timeout; map replica outcomes to client-visible ones.
+    async def _encode(self, image: bytes) -> bytes:
+        return await stages.encode(self.encoder, image, self.settings.request_timeout_s)
 
-        A replica that died or became unreachable mid-request is retried once (the router picks a live
-        replica; encode and decode are idempotent), then answered with 503 + Retry-After.
-        """
-        deadline = time.monotonic() + self.settings.request_timeout_s
-        unavailable = retry_after(self.settings.retry_after_s)
-        for attempt in (1, 2):
-            response = make()
-            try:
-                result = await asyncio.wait_for(_resolve(response), timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                response.cancel()
-                detail = f"{stage} did not answer within {self.settings.request_timeout_s:g} s"
-                raise ApiError(504, "timeout", detail) from None
-            except BackPressureError as exc:
-                retry = exc.retry_after_s if exc.retry_after_s is not None else self.settings.retry_after_s
-                raise ApiError(503, "overloaded", f"{stage} queue is full; retry later", retry_after(retry)) from None
-            except DeploymentUnavailableError as exc:
-                raise ApiError(503, "unavailable", f"{stage} is unavailable: {exc}", unavailable) from None
-            except Exception as exc:
-                if not _replica_gone(exc):
-                    raise
-                if attempt == 1:
-                    log.info("%s replica lost mid-request (%s); retrying once", stage, type(exc).__name__)
-                    continue
-                detail = f"{stage} replica unavailable ({type(exc).__name__}); retry shortly"
-                raise ApiError(503, "unavailable", detail, unavailable) from None
-            if isinstance(result, Rejected):
-                raise ApiError(_REJECTED_STATUS.get(result.reason, 400), result.reason, result.detail)
-            return result
-        raise AssertionError("unreachable")
+    async def _decode(self, plan: bytes, max_new_tokens: int, temperature: float) -> str:
+        return await self._call(lambda: self.decoder.decode.remote(plan, max_new_tokens, temperature), "decoder")
+
+    async def _call(self, make: Callable[[], DeploymentResponse], stage: str) -> Any:
+        return await stages.call(make, stage, self.settings.request_timeout_s, self.settings.retry_after_s)

@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on this machine, shared by every test in tests/cluster/.
 
-    head         CPU 1                      driver, GCS, Serve controller and proxy, the Ingress, Tune functions
-    encoder      CPU 2, encoder_node 1      PlanEncoder replicas (serve/config.yaml asks for encoder_node)
+    head         CPU 1                      driver, GCS, Serve controller and proxy (HeadOnly), Tune functions
+    encoder      CPU 2, encoder_node 1      Ingress replicas: HTTP + encoder (serve/config.yaml asks for encoder_node)
     decoder x2   CPU 2, decoder_node 1      PlanDecoder replicas (decoder_node), one per node
     train x2     CPU 2, train_node 1        Ray Train workers (train.node_role=train_node), one per node
 
@@ -34,7 +34,7 @@ SYSTEM_CONFIG = {
     "health_check_failure_threshold": 3,
 }
 ROLES: dict[str, dict[str, Any]] = {
-    # 2 CPUs: the replica takes 1, and role-less actors (the Ingress, Tune functions) may land beside it.
+    # 2 CPUs: the replica takes 1, and role-less actors (Tune functions) may land beside it.
     "encoder": {"num_cpus": 2, "resources": {"encoder_node": 1}},
     "decoder": {"num_cpus": 2, "resources": {"decoder_node": 1}},
     "train": {"num_cpus": 2, "resources": {"train_node": 1}},

@@ -170,8 +170,7 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
 
 # Small replicas: the whole serve suite shares 4 logical CPUs on 2 cores with nothing else running.
 SMALL = {
-    "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
-    "PlanEncoder": {"ray_actor_options": {"num_cpus": 0.25}},
+    "Ingress": {"ray_actor_options": {"num_cpus": 0.25}},  # HTTP + encoder
     "PlanDecoder": {"ray_actor_options": {"num_cpus": 0.25}},
 }
 SHARED_APP = "captioner-test"
@@ -182,17 +181,17 @@ def shipped_test_args(model: str, **overrides: object) -> dict:
     """serve/config.yaml's app args and deployments, changed only where a one-node test run must differ.
 
     CPUs shrink (the suite shares 8 logical CPUs on 2 cores), node-role resources go (one node plays every
-    role) and the encoder has one fixed replica instead of autoscaling. Everything else (queues, limits,
-    timeouts, two decoder replicas) is what `serve run serve/config.yaml` deploys.
+    role) and the Ingress (HTTP + encoder) has one fixed replica instead of autoscaling. Everything else
+    (queues, limits, timeouts, two decoder replicas) is what `serve run serve/config.yaml` deploys.
     """
     from serve.app import shipped_config
 
     args = shipped_config(model=model, default_max_new_tokens=MAX_NEW_TOKENS, **overrides).app_args
     for name, options in args["deployment_options"].items():
         options["ray_actor_options"] = dict(SMALL[name]["ray_actor_options"])
-    encoder = args["deployment_options"]["PlanEncoder"]
-    encoder.pop("autoscaling_config", None)
-    encoder["num_replicas"] = 1
+    ingress = args["deployment_options"]["Ingress"]
+    ingress.pop("autoscaling_config", None)
+    ingress["num_replicas"] = 1
     return args
 
 

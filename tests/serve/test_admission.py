@@ -211,7 +211,8 @@ def test_serve_config_installs_the_proxy_gate_with_the_ingress_limit() -> None:
     args = config.app_args
     # The proxy then admits exactly what one ingress replica admits: with one proxy, the ingress never sheds.
     assert env == proxy_gate.proxy_env(args["max_inflight_requests"], args["retry_after_s"]), env
-    encoder, decoder = (args["deployment_options"][name] for name in ("PlanEncoder", "PlanDecoder"))
-    # Admitted work never waits in Serve's router (it backs off up to 0.5 s a retry): the model halves take it all.
-    assert encoder["max_ongoing_requests"] >= args["max_inflight_requests"], encoder
+    ingress, decoder = (args["deployment_options"][name] for name in ("Ingress", "PlanDecoder"))
+    # Admitted work never waits in Serve's router (it backs off up to 0.5 s a retry): the ingress (HTTP +
+    # encoder) and the decoders take it all.
+    assert ingress["max_ongoing_requests"] >= args["max_inflight_requests"], ingress
     assert decoder["max_ongoing_requests"] * decoder["num_replicas"] >= args["max_inflight_requests"], decoder

@@ -45,10 +45,10 @@ def test_config_parses_into_serve_schema_and_builds() -> None:
     AppArgs.model_validate(app.args)  # every arg is known and in range
     assert build_app(app.args) is not None
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"Ingress", "PlanEncoder", "PlanDecoder"}
+    assert set(deployments) == {"Ingress", "PlanDecoder"}  # Ingress: HTTP + encoder
     for name, deployment in deployments.items():  # every queue bounded: excess load is answered, not parked
         assert deployment.max_queued_requests > 0, f"{name} queue must be bounded"
-    for name in ("PlanEncoder", "PlanDecoder"):
+    for name in ("Ingress", "PlanDecoder"):  # the encoder's batching and the decoder's
         assert set(deployments[name].user_config) == {"max_batch_size", "batch_wait_timeout_s"}
 
 
@@ -76,10 +76,10 @@ def deployed(serve_url: str, serve_fixtures: ServeFixtures, tmp_path_factory: py
     )
     deployments = {d["name"]: d for d in app["deployments"]}
     for d in deployments.values():
-        d["ray_actor_options"]["num_cpus"] = 0.1 if d["name"] == "Ingress" else 0.25
+        d["ray_actor_options"]["num_cpus"] = 0.25
         d["ray_actor_options"].pop("resources", None)  # one node plays every role (tests/cluster/ places them)
     assert deployments["PlanDecoder"]["num_replicas"] == 2  # shipped: a killed replica leaves one serving
-    encoder = deployments["PlanEncoder"]
+    encoder = deployments["Ingress"]  # HTTP + encoder
     encoder.pop("autoscaling_config")
     encoder["num_replicas"] = 1
     # Batches of 4 held ~0.3 s each by the batch wait: 16 admitted requests keep the service busy for ~1 s.
@@ -107,7 +107,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 def test_replica_counts_from_the_config_are_honoured(deployed) -> None:
     app = serve.status().applications[deployed["app"]]
     assert app.deployments["PlanDecoder"].replica_states.get("RUNNING") == 2
-    assert app.deployments["PlanEncoder"].replica_states.get("RUNNING") == 1
+    assert app.deployments["Ingress"].replica_states.get("RUNNING") == 1
 
 
 def test_model_served_from_a_models_uri(client: httpx.Client, serve_fixtures: ServeFixtures, deployed) -> None:

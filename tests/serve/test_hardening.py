@@ -220,11 +220,12 @@ def test_one_error_shape_and_an_openapi_schema_that_documents_it(
     assert client.get("/docs").status_code == 200
 
 
-def _replica_logs(app: str) -> str:
+def _replica_logs(app: str) -> dict[Path, str]:
+    """Each replica log file of the app, by path (every file grows, so new lines are compared per file)."""
     import ray
 
     session = Path(ray._private.worker._global_node.get_session_dir_path())
-    return "".join(p.read_text(errors="replace") for p in sorted((session / "logs" / "serve").glob(f"replica_{app}_*")))
+    return {p: p.read_text(errors="replace") for p in sorted((session / "logs" / "serve").glob(f"replica_{app}_*"))}
 
 
 def test_client_errors_are_one_info_line_without_traceback(client: httpx.Client) -> None:
@@ -234,7 +235,7 @@ def test_client_errors_are_one_info_line_without_traceback(client: httpx.Client)
     assert_error_shape(client.post("/v1/decode", content=b"NOPE" + b"\0" * 300), 422, "invalid_plan")
     assert_error_shape(client.post("/v1/caption", content=b"", headers=IMG), 400, "empty_body")
     time.sleep(1.0)  # replica log handlers write as they go; give the files a moment
-    added = _replica_logs(SHARED_APP)[len(before) :]
+    added = "".join(text[len(before.get(path, "")) :] for path, text in _replica_logs(SHARED_APP).items())
     lines = [line for line in added.splitlines() if f"{marker} bytes" in line]
     assert lines and all("INFO" in line and "ERROR" not in line for line in lines), lines
     assert "Traceback" not in added, added[-3000:]

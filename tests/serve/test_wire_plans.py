@@ -32,7 +32,7 @@ def wire_checkpoint(tmp_path_factory):
 
 
 def test_encoder_ships_and_decoder_reads_wire_dim_plans(wire_checkpoint):
-    enc = PlanEncoder.func_or_class(str(wire_checkpoint), plan_dtype="int4")
+    enc = PlanEncoder(str(wire_checkpoint), plan_dtype="int4")  # the Ingress's encoder half
     dec = PlanDecoder.func_or_class(str(wire_checkpoint))
     info = enc.info()
     assert (info["K"], info["D"], info["dtype"]) == (4, 8, "int4")
