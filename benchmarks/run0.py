@@ -76,11 +76,12 @@ class ShapesSplit:
 
 
 class EpochStream:
-    """One epoch of training batches as a worker's Ray Data shard yields them (`iter_torch_batches`).
+    """One epoch of training batches as a worker's Ray Data shard yields them.
 
     Chunks of MAP_BATCH_ROWS rows, in an order seeded by (train.seed, epoch) like the shard order, each through
     the production map transform; batches are cut from the resulting stream across chunk boundaries, the last
-    one partial. `iter_torch_batches` hands out the next `take` batches, so an epoch can be trained in pieces.
+    one partial. `iter_batches` (numpy, already cut to the batch size, so re-batching leaves them whole) and
+    `iter_torch_batches` hand out the next `take` batches, so an epoch can be trained in pieces.
     """
 
     def __init__(self, rows: dict[str, Any], cfg: Config, epoch: int) -> None:
@@ -88,7 +89,7 @@ class EpochStream:
         self.take = 0
         self._batches = self._generate()
 
-    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
         n, size = len(self.rows["image_id"]), self.cfg.train.batch_size
         starts = np.random.default_rng([self.cfg.train.seed % 2**63, self.epoch]).permutation(
             np.arange(0, n, MAP_BATCH_ROWS)
@@ -99,13 +100,16 @@ class EpochStream:
             out = transform_train_batch(chunk, self.cfg, self.epoch)
             pending = out if pending is None else {k: np.concatenate([pending[k], out[k]]) for k in out}
             while len(pending["image_id"]) >= size:
-                yield {k: torch.from_numpy(v[:size]) for k, v in pending.items()}
+                yield {k: v[:size] for k, v in pending.items()}
                 pending = {k: v[size:] for k, v in pending.items()}
         if pending is not None and len(pending["image_id"]):
-            yield {k: torch.from_numpy(v) for k, v in pending.items()}
+            yield pending
+
+    def iter_batches(self, **_: Any) -> Iterator[dict[str, np.ndarray]]:
+        return itertools.islice(self._batches, self.take)
 
     def iter_torch_batches(self, **_: Any) -> Iterator[dict[str, torch.Tensor]]:
-        return itertools.islice(self._batches, self.take)
+        return ({k: torch.from_numpy(v) for k, v in batch.items()} for batch in self.iter_batches())
 
 
 @torch.no_grad()

@@ -9,6 +9,11 @@ Ray's process orchestration is left out. The budget: the shapes preset on a 5-ep
 click at the same ~800 steps but decay later), stopped by a criterion on TRAINING data only: the first check
 (every CHECK_EVERY steps) at which the greedy captions of the first STOP_ON_TRAIN training images are all exact.
 The held-out split is evaluated once, at that step. benchmarks/RESULTS.md "Run 0" has the curves.
+
+The test runs first in the session on two torch threads (`solo`, tests/conftest.py): ~0.11 s a step instead of
+~0.19 s on one. The thread count changes the float sums and so the trajectory: seed 0 on two threads passes the
+training check at step 975 but not at 1,000 (on one thread: 1,000, checks at 900 and 950 failing), hence checks
+every 25 steps (a failing one costs ~0.3 s: it stops at the first of 64 images captioned wrong).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ pytestmark = pytest.mark.slow
 SCHEDULE = ["--train.epochs=5"]  # a 1,125-step horizon instead of the preset's 2,025 (demo) steps
 STEPS = 1_125  # the cap: the whole 5-epoch schedule
 STOP_ON_TRAIN = 720  # training images that must all be captioned exactly to stop (10% of the set)
-CHECK_EVERY = 125
+CHECK_EVERY = 25
 PER_CLASS = 400  # the demo's 7,200 training images
 VAL_PER_CLASS = 10  # the demo's 180 held-out images
 
@@ -43,6 +48,7 @@ def test_in_memory_split_is_the_written_set(tmp_path):
         assert torch.allclose(ImageTransform(32)(split.png[i]), ImageTransform(32)(path.read_bytes()), atol=1e-6)
 
 
+@pytest.mark.solo  # first in the session, on both cores (tests/conftest.py)
 def test_shapes_preset_reaches_run0_on_a_reduced_budget():
     with torch.random.fork_rng():
         cfg = load_config("shapes", SCHEDULE)
@@ -58,5 +64,5 @@ def test_shapes_preset_reaches_run0_on_a_reduced_budget():
     [final] = history  # one held-out evaluation: at the step the training-data criterion stopped the run
     # captioning alone (objective.category_weight=0) names the colour but stays at chance (33%) on shape
     assert final["exact_pct"] == 100.0 and final["probe_pct"] == 100.0, final
-    # the stopping rule fired before the cap (seed 0: at step 1,000); at 875 the training check still failed
+    # the stopping rule fired before the cap (seed 0 on two threads: at step 975, the checks before it failed)
     assert final["step"] < STEPS and final["step"] % CHECK_EVERY == 0, final
