@@ -102,9 +102,9 @@ def test_local_path_errors(tmp_path):
         resolve_checkpoint("  ")
 
 
-def test_models_uri_uses_the_given_store_not_process_wide_uris(tmp_path, monkeypatch):
+def test_models_uri_uses_the_given_store_not_process_wide_uris(tmp_path, monkeypatch, mlflow_store):
     """MLflow's own models:/ download reads the global registry URI; resolution must not."""
-    store = f"sqlite:///{tmp_path / 'store.db'}"
+    store = mlflow_store(tmp_path / "store.db")
     fingerprint = _save(tmp_path / "ckpt" / CHECKPOINT_FILE, 5)
     client = MlflowClient(store, registry_uri=store)
     experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -115,7 +115,7 @@ def test_models_uri_uses_the_given_store_not_process_wide_uris(tmp_path, monkeyp
     client.create_model_version("m", source, run_id=run_id)
     client.set_registered_model_alias("m", "champion", "1")
 
-    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"  # an empty store named by the environment
+    elsewhere = mlflow_store(tmp_path / "elsewhere.db")  # an empty store named by the environment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     for uri in ("models:/m@champion", "models:/m/1", "models:/m", f"runs:/{run_id}/model"):

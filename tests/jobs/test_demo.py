@@ -21,8 +21,8 @@ REDUCED = ["--per-class", "8", "--val-per-class", "2", "--epochs", "2"]
 MAX_DEFAULT_LINES = 80  # issue 15: `make demo` printed 4,523 lines; the table had to be found in them
 
 
-def test_demo_runs_end_to_end_and_hands_over_to_serving(ray_local, tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+def test_demo_runs_end_to_end_and_hands_over_to_serving(ray_local, tmp_path, monkeypatch, capfd, mlflow_store):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "out" / "mlflow.db"))
     assert demo.main(["--out", str(tmp_path / "out"), *REDUCED]) == 0
     # capfd, not capsys: library loggers and bars write to the process's file descriptors directly
     captured = capfd.readouterr()

@@ -215,8 +215,10 @@ def test_cli_reports_bad_input_precisely(prepared_shapes, checkpoint, tmp_path, 
     assert "not a readable safetensors checkpoint" in capsys.readouterr().err
 
 
-def test_runs_uri_and_logging_into_the_active_mlflow_run(prepared_shapes, checkpoint, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_runs_uri_and_logging_into_the_active_mlflow_run(
+    prepared_shapes, checkpoint, tmp_path, monkeypatch, mlflow_store
+):
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     try:

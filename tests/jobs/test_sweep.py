@@ -35,8 +35,8 @@ def _space_file(tmp_path: Path, grid: dict, epochs: int) -> str:
     return str(path)
 
 
-def _tracking(tmp_path: Path) -> list[str]:
-    return [f"--tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--tracking.registered_model=sweep-test"]
+def _tracking(store: str) -> list[str]:
+    return [f"--tracking.tracking_uri={store}", "--tracking.registered_model=sweep-test"]
 
 
 def _records_a_finished_trial(experiment: Path) -> bool:
@@ -102,7 +102,7 @@ def test_invalid_point_exits_2_naming_values_before_launch(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_to_a_table_of_real_metrics(ray_local, prepared_shapes, tmp_path, capsys):
+def test_killed_sweep_resumes_to_a_table_of_real_metrics(ray_local, prepared_shapes, tmp_path, capsys, mlflow_store):
     """Two 1-epoch trials, one at a time; the driver is killed once the first has finished, and the same command
     run again finishes the sweep without redoing it: a table of real metrics, MLflow runs and one registration."""
     from mlflow import MlflowClient
@@ -110,7 +110,7 @@ def test_killed_sweep_resumes_to_a_table_of_real_metrics(ray_local, prepared_sha
     storage = tmp_path / "runs"
     space = _space_file(tmp_path, {"model.num_latent_vectors": [2, 8]}, epochs=1)
     args = ["--space", space, "--data", str(prepared_shapes), "--storage", str(storage), "--name", "resume"]
-    args += ["--max-concurrent=1", "--scheduler=fifo", *SHARE, *_tracking(tmp_path)]
+    args += ["--max-concurrent=1", "--scheduler=fifo", *SHARE, *_tracking(mlflow_store(tmp_path / "mlflow.db"))]
     # The first driver joins the session's Ray like `ray job submit` would; killing it ends its trials.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     first = subprocess.Popen(

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
-def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, monkeypatch, mlflow_store) -> str:
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
@@ -58,7 +58,7 @@ def test_resumed_run_keeps_params_and_records_changes(store):
     assert other != run_id
 
 
-def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path, monkeypatch):
+def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path, monkeypatch, mlflow_store):
     cfg = load_config("debug", ["--tracking.registered_model=test-captioner", "--tracking.alias=best"])
     uri, run_id = tracking.open_run(cfg, run_name="reg", run_key="/runs/reg", resume=False)
     logger = tracking.EpochLogger(uri, run_id)
@@ -77,7 +77,7 @@ def test_log_register_and_fetch_by_alias(store, debug_checkpoint, tmp_path, monk
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == global_uris != (uri, uri)
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    elsewhere = mlflow_store(tmp_path / "other.db")
     MlflowClient(elsewhere).create_registered_model("elsewhere")
     assert [m.name for m in MlflowClient(elsewhere, registry_uri=elsewhere).search_registered_models()] == ["elsewhere"]
     assert second.alias_uri == "models:/test-captioner@best"
