@@ -59,6 +59,9 @@ def head_env(token_path: Path) -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    # `ray start --block` stops its processes at once on SIGTERM instead of first draining the node for up to
+    # 30 s (a Kubernetes pod's graceful hand-over, nothing this test checks; stop_head below)
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     env.pop("PYTHONPATH", None)  # the job must import the project from its uploaded working dir
     return env
 
@@ -97,14 +100,20 @@ def process_tree(root_pid: int, marker: str) -> dict[int, str]:
 
 
 def stop_head(proc: subprocess.Popen, marker: str) -> None:
-    """SIGTERM, then SIGKILL, every process this head started (the job drivers too); nothing else.
+    """Stop every process this head started (the job drivers too); nothing else.
 
-    A pid is signalled only while its start time is the one recorded, so a recycled pid is never hit.
+    `ray start --block` first, alone: its SIGTERM handler stops its processes, raylet first (with no drain:
+    head_env). Signalled all at once, `ray start`, its raylet, GCS, autoscaler monitor and runtime-env agent
+    were all still alive after 5 s, every time (the suite's 5 s teardown); after the jobs ran, a drain of up to
+    30 s kept `ray start` alone from finishing within 10 s. Then SIGTERM, then SIGKILL, whatever is left. A pid
+    is signalled only while its start time is the one recorded, so a recycled pid is never hit.
     """
     procs = process_tree(proc.pid, marker)
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    # (only this pid, or every one left; signal; how long to wait for the whole tree to go)
+    rounds = [(proc.pid, signal.SIGTERM, 10.0), (None, signal.SIGTERM, 5.0), (None, signal.SIGKILL, 5.0)]
+    for only, sig, wait_s in rounds:
         for pid, started in procs.items():
-            if (stat := _stat(pid)) is not None and stat[19] == started:
+            if only in (None, pid) and (stat := _stat(pid)) is not None and stat[19] == started:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
@@ -183,12 +192,12 @@ def submit(head: Head, *entrypoint: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_prepare_then_train_submitted_as_jobs(ray_head, tmp_path):
+def test_prepare_then_train_submitted_as_jobs(ray_head, tmp_path, mlflow_store):
     # The README's real-COCO commands on the COCO-layout fixture (8 JPEGs, captions and instances JSON): the
     # suite's one training on COCO data (two workers on an uneven split: the shared runs of tests/jobs/test_train.py).
     # Absolute paths outside the job's copy of the working dir: the fixture is read where it is.
     prepared, runs = tmp_path / "prepared", tmp_path / "runs"
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store(tmp_path / "mlflow.db")
 
     started = time.monotonic()
     proc = submit(
