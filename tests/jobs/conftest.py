@@ -98,13 +98,13 @@ def run_checkpoints(storage: Path, name: str) -> dict[int, dict[str, torch.Tenso
 
 
 @pytest.fixture(scope="session")
-def two_worker_runs(ray_local, prepared_shapes, tmp_path_factory) -> TwoWorkerRuns:
+def two_worker_runs(ray_local, prepared_shapes, tmp_path_factory, mlflow_store) -> TwoWorkerRuns:
     from jobs import train
     from jobs.train_loop import KILL_EPOCH_ENV, KILL_MARKER_ENV
     from model.config import load_config
 
     storage = tmp_path_factory.mktemp("two-worker-runs")
-    tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"
+    tracking_uri = mlflow_store(storage / "mlflow.db")
 
     def fit(name: str, *extra: str) -> Any:
         cfg = load_config("debug", [*TWO_WORKER_OVERRIDES, f"--tracking.tracking_uri={tracking_uri}", *extra])

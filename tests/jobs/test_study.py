@@ -241,7 +241,9 @@ def test_pretrain_rejects_data_without_labels_it_can_use(tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, pretrained_vision, tmp_path, capsys):
+def test_quick_study_ends_with_a_report_and_a_verdict(
+    prepared_scenes, pretrained_vision, tmp_path, capsys, mlflow_store
+):
     import torch
     from mlflow import MlflowClient
 
@@ -254,7 +256,7 @@ def test_quick_study_ends_with_a_report_and_a_verdict(prepared_scenes, pretraine
     # The frozen arm's encoder from the module's one pretraining (the same vision shape as --quick's model):
     # the study's own pretraining step would repeat it (~20 s of the suite).
     argv += ["--vision-weights", str(pretrained_vision)]
-    argv += [f"--tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    argv += [f"--tracking.tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}"]
     assert study.main(argv) == 0
     printed = capsys.readouterr().out
     labels = ("feature-limited", "capacity-limited", "trainability-limited", "plan-former-limited", "not limited")
