@@ -9,9 +9,10 @@ random weights decode the full token budget every time, which is the worst case 
       32 concurrent clients;
   (b) the hop: the split app exactly as serve/config.yaml ships it (HTTP -> ingress, which encodes the
       image in its own replica -> plan bytes by one handle call -> decoder) vs one deployment doing
-      image -> caption in-process with the same batching, 1 client. Both applications run side by side
-      and the requests alternate between them (ABBA order), so drift in the machine's load falls on both
-      paths alike.
+      image -> caption in-process with the same batching, 1 client: the same Ingress with the decoder
+      half in its own process (the hop and nothing else differs), and beside it a minimal FastAPI route
+      around the model (no admission, auth or body checks). The applications run side by side and the
+      requests alternate between them (ABBA order), so drift in the machine's load falls on all alike.
 
 Both run on one Ray node (playing the encoder and the decoder role), then again across two nodes: a head
 (the HeadOnly proxy, the single deployment) plus an encoder node (the ingress + encoder) and a decoder node,
@@ -245,6 +246,49 @@ def fused_deployment():
     return Fused
 
 
+def single_ingress(path: Path):
+    """The shipped Ingress as ONE deployment: the decoder half in its own process instead of by handle call.
+
+    Same HTTP front (admission, auth, body checks, error mapping), same encoder in threads, and the decoder's
+    batch run inline on the replica's loop as in PlanDecoder, with serve/config.yaml's args and batching:
+    image -> caption in-process. The split app differs from it by the decoder hop and nothing else.
+    """
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
+    from serve import stages
+    from serve.app import AppArgs, replica_args, shipped_config
+    from serve.deployments import PlanDecoder
+    from serve.ingress import Ingress
+
+    args = shipped_config(model=str(path)).app_args
+    options = args["deployment_options"]
+    decoder_args, settings, encoder = replica_args(AppArgs.model_validate(args))  # what build_app binds
+
+    class Single(Ingress.func_or_class):
+        async def __init__(self, decoder_args: dict[str, Any], settings: dict[str, Any], encoder: dict[str, Any]):
+            self.local = PlanDecoder.func_or_class(**decoder_args)
+            unused = DeploymentHandle("PlanDecoder", app_name="unused")  # never called: _decode is local
+            await super().__init__(unused, settings, encoder)
+
+        def reconfigure(self, user_config: dict[str, Any]) -> None:
+            super().reconfigure(user_config)
+            self.local.reconfigure(user_config)  # the same batching for both halves
+
+        async def _decode(self, plan: bytes, max_new_tokens: int, temperature: float) -> str:
+            return stages.checked(await self.local.decode(plan, max_new_tokens, temperature))
+
+        async def _model_info(self) -> dict[str, Any]:
+            if self._model is None:
+                local = {"decoder_fingerprint": self.local.fingerprint, "max_new_tokens": self.local.max_new_tokens}
+                self._model = {**self.encoder.info(), **local}
+            return self._model
+
+    ingress = {k: v for k, v in options["Ingress"].items() if k != "autoscaling_config"}
+    ingress["ray_actor_options"] = {"num_cpus": 1}  # anywhere: the head in the 2-node topology
+    return serve.deployment(Single, name="Single", num_replicas=1, **ingress).bind(decoder_args, settings, encoder)
+
+
 def split_app(path: Path, batch: int | None = None):
     """The shipped app: serve/config.yaml's args and deployment options, the model at `path`.
 
@@ -343,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=192, help="requests per throughput scenario")
     parser.add_argument(
-        "--latency-requests", type=int, default=60, help="sequential requests per route, split and fused alternating"
+        "--latency-requests", type=int, default=60, help="sequential requests per route, the routes alternating"
     )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="wall-clock cap per scenario")
@@ -369,19 +413,21 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for nodes in args.nodes:
         with topology(nodes) as where:
-            on, off, (split_lat, fused_lat) = scenarios(args, where, path, images, results)
+            on, off, (split_lat, single_lat, bare_lat) = scenarios(args, where, path, images, results)
         speedup = on.throughput / off.throughput
-        added = split_lat.pct(50) - fused_lat.pct(50)
+        added = split_lat.pct(50) - single_lat.pct(50)
         enc, dec, ingress = (split_lat.stage(s) for s in ("encode", "decode", "total"))
         breakdown.append(
             f"| {where} | {split_lat.pct(50) - ingress:.1f} | {ingress - enc - dec:.1f} | {enc:.1f} | "
             f"{enc - compute['encode']:.1f} | {dec:.1f} | {dec - compute['decode']:.1f} | "
-            f"{fused_lat.pct(50) - compute['encode'] - compute['decode']:.1f} |"
+            f"{single_lat.pct(50) - compute['encode'] - compute['decode']:.1f} |"
         )
         summary.append(
-            f"- {where}: single deployment p50 {fused_lat.pct(50):.1f} ms, split p50 {split_lat.pct(50):.1f} ms, "
-            f"hop **{added:+.1f} ms** (target <= 3 ms); batching speed-up at {args.concurrency} clients "
-            f"**{speedup:.2f}x** ({on.throughput:.1f} vs {off.throughput:.1f} req/s; target >= 3x)"
+            f"- {where}: single deployment p50 {single_lat.pct(50):.1f} ms, split p50 {split_lat.pct(50):.1f} ms, "
+            f"hop **{added:+.1f} ms** (target <= 3 ms; against the minimal single deployment, p50 "
+            f"{bare_lat.pct(50):.1f} ms: {split_lat.pct(50) - bare_lat.pct(50):+.1f} ms); batching speed-up at "
+            f"{args.concurrency} clients **{speedup:.2f}x** ({on.throughput:.1f} vs {off.throughput:.1f} req/s; "
+            "target >= 3x)"
         )
     load_after = os.getloadavg()[0]
     table = "\n".join([header, *(r.row() for r in results)])
@@ -441,11 +487,14 @@ def scenarios(
         wait_ready(url)
         on = run(f"{where}: split, batching on ({batching['max_batch_size']}), {c} clients", c, args.requests)
         # The hop, as shipped: the split app and one deployment with the same batching, one client, ABBA order.
+        serve.run(single_ingress(path), name="single", route_prefix="/single")
         serve.run(fused_deployment().bind(str(path), batching), name="fused", route_prefix="/fused")
+        wait_ready(f"{url}/single")
         wait_ready(f"{url}/fused")
         routes = {
             f"{where}: split, as shipped, 1 client": "/v1/caption",
-            f"{where}: single deployment, same batching, 1 client": "/fused/v1/caption",
+            f"{where}: single deployment (the same Ingress, decoder in-process), 1 client": "/single/v1/caption",
+            f"{where}: minimal single deployment (bare FastAPI route), 1 client": "/fused/v1/caption",
         }
         paired_latency(url, images, routes, 4)  # warm-up
         latency = paired_latency(url, images, routes, args.latency_requests)
@@ -453,6 +502,7 @@ def scenarios(
             print(result.row(), flush=True)
             results.append(result)
         serve.delete("fused")
+        serve.delete("single")
         serve.run(split_app(path, batch=1), name="bench", route_prefix="/")  # user_config only: reconfigure()
         wait_ready(url)
         off = run(f"{where}: split, batching off, {c} clients", c, args.requests)

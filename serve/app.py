@@ -72,6 +72,13 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         extra = opts.deployment_options.get(deployment.name)
         return deployment.options(**extra) if extra else deployment
 
+    model_args, settings, encoder = replica_args(opts)
+    decoder = configured(PlanDecoder).bind(**model_args)
+    return configured(Ingress).bind(decoder, settings, encoder)
+
+
+def replica_args(opts: AppArgs) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(the decoder's model args, the Ingress's settings, the Ingress's encoder args) for these app args."""
     # Resolved here, once: every replica then reads the same store, whatever directory it runs in.
     tracking_uri = resolve_tracking_uri(opts.mlflow_tracking_uri) if is_mlflow_uri(opts.model) else None
     model_args = {"source": opts.model, "tracking_uri": tracking_uri, "torch_threads": opts.torch_threads}
@@ -81,7 +88,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         "plan_dtype": opts.plan_dtype,
         "max_concurrent_decodes": opts.max_concurrent_decodes,
     }
-    decoder = configured(PlanDecoder).bind(**model_args)
     settings = {
         "api_key": opts.api_key,
         "max_body_bytes": opts.max_body_bytes,
@@ -91,7 +97,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         "retry_after_s": opts.retry_after_s,
         "default_max_new_tokens": opts.default_max_new_tokens,
     }
-    return configured(Ingress).bind(decoder, settings, encoder)
+    return model_args, settings, encoder
 
 
 @dataclass(frozen=True)
