@@ -6,13 +6,16 @@ without Ray (`transform_train_batch`, benchmarks.run0).
              "image_id" (B,) int64} + "categories" (B, C) float32 multi-hot with objective.category_weight > 0
     eval    every caption of each image: "caption_ids"/"caption_mask" (B, R, T), "num_captions" (B,)
     decode  once, for data.ingest=materialize: uint8 "pixels" (B, S, S, 3), captions kept as lists
+    epoch   the materialised rows' per-epoch part (`epoch_batches`), on the training worker, not in a Ray task
 
 T = model.max_seq_length, S = model.image_size. The per-epoch draws are seeded by (train.seed, epoch, the
-batch's first image id), so whichever task runs a batch, the same config and epoch give the same tensors.
+batch's first image id), so whichever process runs a batch, the same config and epoch give the same tensors.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +27,9 @@ from model.tokenizer import PAD, ByteTokenizer
 from model.transform import normalize_uint8, open_image, resize_center_crop
 
 MAP_BATCH_ROWS = 256  # rows per map_batches call: big enough to amortise the call, small enough to stream
-EPOCH_MAP_ROWS = 128  # the materialised per-epoch map: 128 vs 256 rows measured ~+8% per epoch, same 1st batch
+# The materialised set's per-epoch draws go by chunks of this many rows (once a Ray Data map's batch size: kept,
+# so the chunks and therefore the batches are those of that map)
+EPOCH_MAP_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,19 @@ def select_rows(batch: dict[str, np.ndarray], plan: RowPlan) -> np.ndarray:
 def train_batch(
     batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: MapConfig, permute: bool, draw: Draw
 ) -> dict[str, np.ndarray]:
-    """Runs in a Ray Data task: pick rows, draw a caption each, decode images (or take the materialised
-    path's decoded "pixels"), tokenise."""
-    rows = select_rows(batch, plan)
+    """Runs in a Ray Data task (streaming ingest): pick rows, draw a caption each, decode images, tokenise."""
+    return draw_rows(batch, select_rows(batch, plan), cfg=cfg, permute=permute, seed=draw.seed, epoch=draw.epoch())
+
+
+def draw_rows(
+    batch: dict[str, np.ndarray], rows: np.ndarray, *, cfg: MapConfig, permute: bool, seed: int, epoch: int
+) -> dict[str, np.ndarray]:
+    """`rows` of a batch of prepared rows ("image" bytes) or decoded ones (uint8 "pixels") -> training arrays,
+    in epoch `epoch`'s row order with its caption draws."""
     # Seeded by (train.seed, epoch, first image id of the batch): the caption draw and row order change
-    # every epoch and are the same in every run of this config, whichever task runs the batch.
+    # every epoch and are the same in every run of this config, whichever process runs the batch.
     first_id = int(batch["image_id"][0]) if len(batch["image_id"]) else 0
-    rng = np.random.default_rng([draw.seed % 2**63, draw.epoch(), first_id])
+    rng = np.random.default_rng([seed % 2**63, epoch, first_id])
     if permute:
         rows = rng.permutation(rows)
     captions = [batch["captions"][i] for i in rows]
@@ -108,6 +119,95 @@ def transform_train_batch(batch: dict[str, Any], cfg: Config, epoch: int) -> dic
         permute=cfg.data.shuffle != "none",
         draw=Draw(cfg.train.seed, epoch),
     )
+
+
+def epoch_batches(
+    blocks: Iterable[dict[str, np.ndarray]],
+    batch_size: int,
+    *,
+    cfg: MapConfig,
+    permute: bool,
+    seed: int,
+    epoch: int | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """A worker's training batches of `batch_size` rows (the last one shorter) from its stream of blocks.
+
+    Blocks of a streaming set are training arrays already (made by `train_batch` in Ray Data tasks). Blocks of
+    a materialised set are decoded rows (`decode_rows`); their per-epoch part (row order, caption draw,
+    tokenising, normalising) is done here, on the worker, in the chunks a Ray Data map with batch size
+    EPOCH_MAP_ROWS made of the same blocks, with the same seeds: starting a Ray Data map every epoch cost
+    ~0.1 s before the first batch (benchmarks/RESULTS.md). `epoch` is needed for a materialised set only.
+    """
+    blocks = (b for b in blocks if len(b["image_id"]))
+    first = next(blocks, None)
+    if first is None:
+        return
+    blocks = itertools.chain([first], blocks)
+    if "pixels" in first:
+        if epoch is None:
+            raise ValueError("a materialised training set is drawn per epoch: pass the epoch (epoch=N)")
+        blocks = (
+            draw_rows(chunk, np.arange(len(chunk["image_id"])), cfg=cfg, permute=permute, seed=seed, epoch=epoch)
+            for chunk in _map_chunks(blocks, EPOCH_MAP_ROWS)
+        )
+    yield from _rebatch(blocks, batch_size)
+
+
+def _map_chunks(blocks: Iterable[dict[str, np.ndarray]], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches a Ray Data map with batch size `rows` cuts from these blocks: consecutive blocks are
+    gathered until they hold at least `rows` rows (one task's input), which is cut into `rows`-row batches,
+    the last one shorter; what is left at the end is the last task's input."""
+    pending: list[dict[str, np.ndarray]] = []
+    count = 0
+    for block in blocks:
+        pending.append(block)
+        count += len(block["image_id"])
+        if count >= rows:
+            yield from _cut(_concat(pending), rows)
+            pending, count = [], 0
+    if pending:
+        yield from _cut(_concat(pending), rows)
+
+
+def _rebatch(blocks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks -> batches of exactly `size` rows across block boundaries, the last one shorter (Ray's batcher);
+    a batch inside one block is a view of it, no copy."""
+    pending: list[dict[str, np.ndarray]] = []
+    count = 0
+    for block in blocks:
+        pending.append(block)
+        count += len(block["image_id"])
+        while count >= size:
+            batch = pending[0] if len(pending) == 1 else _concat(pending)
+            out = {k: v[:size] for k, v in batch.items()}
+            rest = {k: v[size:] for k, v in batch.items()}
+            count -= size
+            pending = [rest] if count else []
+            yield out
+    if count:
+        yield _concat(pending)
+
+
+def _cut(batch: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    n = len(batch["image_id"])
+    for start in range(0, n, rows):
+        yield {k: v[start : start + rows] for k, v in batch.items()}
+
+
+def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(blocks) == 1:
+        return blocks[0]
+    return {k: _concat_column([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def _concat_column(parts: list[np.ndarray]) -> np.ndarray:
+    """Rows of one column from several blocks. A list column comes as a 2-D array from a block whose lists all
+    have one length and as an object array of arrays otherwise: such mixed parts become an object array of rows."""
+    if len({p.shape[1:] for p in parts}) == 1 and len({p.dtype for p in parts}) == 1:
+        return np.concatenate(parts)
+    out = np.empty(sum(len(p) for p in parts), dtype=object)
+    out[:] = [row for p in parts for row in p]
+    return out
 
 
 def decode_rows(batch: dict[str, np.ndarray], *, plan: RowPlan, cfg: MapConfig) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """Training and evaluation input as Ray Datasets, from a prepared folder (local or a URI: jobs/storage.py).
 
-    build_train_dataset(root, cfg)      read -> per-epoch shuffle -> map_batches on CPU (data.ingest=materialize:
-                                        the decoded pixels are materialised once and only this map reruns):
-                                        jobs/batches.train_batch per map batch
+    build_train_dataset(root, cfg)      read -> per-epoch shuffle -> map_batches on CPU (jobs/batches.train_batch);
+                                        data.ingest=materialize: the decoded rows are materialised once and an
+                                        epoch only reorders their blocks (the rest is done by torch_batches)
     build_eval_dataset(root, cfg)       every caption of each validation image: "caption_ids" (R, T), ...
-    torch_batches(shard, batch, cfg)    the worker side: get_dataset_shard("train") -> dicts of tensors
+    torch_batches(shard, batch, cfg, epoch=N)   the worker side: get_dataset_shard("train") -> dicts of tensors
 
 The pieces it is built from, each in its own module and re-exported here for the callers:
     jobs/shards.py     manifests, splits, the hold-out rule, which rows a dataset reads (DataError)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from jobs.batches import (
     decode_pixels,
     decode_rows,
     encode_captions,
+    epoch_batches,
     eval_batch,
     multi_hot_categories,
     train_batch,
@@ -115,8 +117,10 @@ def build_train_dataset(
     `plan`: the driver's `plan_training` result, so the shards' ids are not read again.
 
     `data.ingest` (see `choose_ingest`): "stream" reads and decodes the shards in every epoch;
-    "materialize" decodes them once into the object store and each epoch only reshuffles, draws
-    captions and tokenises; "auto" materialises when the decoded rows fit.
+    "materialize" decodes them once into the object store and each epoch only reorders their blocks: the
+    dataset then yields decoded rows, which `torch_batches` turns into training batches on the worker (rows
+    permuted, captions drawn and tokenised, pixels normalised, seeded by (train.seed, its `epoch`)), so read it
+    through `torch_batches` whatever the mode. "auto" materialises when the decoded rows fit.
     """
     plan = plan or plan_training(data_dir, cfg)
     if plan.rows.rows == 0:
@@ -133,9 +137,9 @@ def build_train_dataset(
     ds = _read_shards(plan.rows, shuffle_files, cfg.data.num_cpus_per_map, columns)
     ds.context.execution_options.preserve_order = True  # this dataset's context copy: a deterministic row order
     if choose_ingest(cfg, plan.rows.rows) == "materialize":
-        return _materialized_train_dataset(ds, plan.rows, cfg, seed, draw)
+        return _materialized_train_dataset(ds, plan.rows, cfg, seed)
     if cfg.data.shuffle == "block":
-        ds = ds.randomize_block_order(seed=seed)
+        ds = _randomize_block_order(ds, seed)
     return ds.map_batches(
         train_batch,
         fn_kwargs={
@@ -203,40 +207,37 @@ def _read_shards(plan: RowPlan, shuffle: Any, num_cpus: float, extra: list[str] 
     return ds.select_columns(["image_id", "image", "captions", *(extra or [])])
 
 
-def torch_batches(shard: Any, batch_size: int, cfg: Config, *, device: Any = "auto"):
-    """Worker side: `torch_batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg)` -> dicts of tensors.
+def torch_batches(shard: Any, batch_size: int, cfg: Config, *, epoch: int | None = None, device: Any = "auto"):
+    """Worker side: `torch_batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg, epoch=N)` -> dicts
+    of tensors, batches of `batch_size` rows (the last one shorter).
 
-    Batches come as numpy and become tensors without a copy (`TensorCollate`) instead of going through Arrow
-    and a thread pool per batch (Ray's default collate); on 2 cores that measured from equal to ~15% faster
-    per epoch of the materialised ingest (benchmarks.data, RESULTS.md), never slower beyond noise.
+    The shard's blocks come as numpy (`jobs.batches.epoch_batches`: a materialised set's per-epoch draws are
+    made here, for epoch `epoch`) and become tensors without a copy, instead of going through Arrow and a
+    thread pool per batch (Ray's default collate). `device` "auto": Ray Train's device in a Train worker, else CPU.
     """
-    return shard.iter_torch_batches(
-        batch_size=batch_size,
-        prefetch_batches=cfg.data.prefetch_batches,
-        device=device,
-        collate_fn=_tensor_collate(),
-    )
-
-
-@functools.cache
-def _tensor_collate() -> Any:
-    """A `TensorCollate` instance; the class is defined on first use (importing this module imports no ray.data)."""
-    import warnings
-
     import torch
-    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    class TensorCollate(NumpyBatchCollateFn):
-        """{column: (B, ...) ndarray} -> {column: tensor} sharing the arrays' memory."""
+    if device == "auto":
+        from ray.train.torch import get_device
+        from ray.train.utils import _in_ray_train_worker  # what Ray's own iter_torch_batches asks
 
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            with warnings.catch_warnings():
-                # Arrays read from the object store are read-only; as in Ray's own conversion, nothing writes
-                # to a batch's tensors (the training step only reads them), so sharing is safe.
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                return {key: torch.from_numpy(value) for key, value in batch.items()}
-
-    return TensorCollate()
+        device = get_device() if _in_ray_train_worker() else "cpu"
+    device = torch.device(device)
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches)
+    batches = epoch_batches(
+        blocks,
+        batch_size,
+        cfg=MapConfig.from_config(cfg),
+        permute=cfg.data.shuffle != "none",
+        seed=cfg.train.seed,
+        epoch=epoch,
+    )
+    with warnings.catch_warnings():
+        # Arrays read from the object store are read-only; as in Ray's own conversion, nothing writes to a
+        # batch's tensors (the training step only reads them), so sharing them is safe.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for batch in batches:
+            yield {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -268,31 +269,41 @@ def choose_ingest(cfg: Config, rows: int, free_bytes: float | None = None) -> st
     return "materialize" if decoded_nbytes(cfg, rows) <= OBJECT_STORE_SHARE * free_bytes else "stream"
 
 
-def _materialized_train_dataset(
-    ds: ray.data.Dataset, plan: RowPlan, cfg: Config, seed: Any, draw: Draw
-) -> ray.data.Dataset:
-    """Decode the selected rows once (blocking, into the object store); per epoch: block order, rows, captions."""
-    map_cfg = MapConfig.from_config(cfg)
+def _materialized_train_dataset(ds: ray.data.Dataset, plan: RowPlan, cfg: Config, seed: Any) -> ray.data.Dataset:
+    """Decode the selected rows once (blocking, into the object store); per epoch only the block order changes.
+
+    Rows, captions and pixels of an epoch are drawn by `torch_batches` on the worker: a per-epoch Ray Data
+    map here took ~0.15 s to its first batch every epoch, ~0.1 s of it Ray Data's execution start-up
+    (benchmarks/RESULTS.md), where the block order alone takes ~0.03 s.
+    """
     decoded = ds.map_batches(
         decode_rows,
-        fn_kwargs={"plan": plan, "cfg": map_cfg},
+        fn_kwargs={"plan": plan, "cfg": MapConfig.from_config(cfg)},
         batch_size=MAP_BATCH_ROWS,
         batch_format="numpy",
         num_cpus=cfg.data.num_cpus_per_map,
         zero_copy_batch=True,
     ).materialize()
-    if cfg.data.shuffle != "none":
-        # On materialised blocks this only permutes references: the per-epoch counterpart of the file shuffle.
-        decoded = decoded.randomize_block_order(seed=seed)
-    # The streaming path's own map: it finds "pixels" instead of "image" and skips the decode.
-    return decoded.map_batches(
-        train_batch,
-        fn_kwargs={"plan": plan, "cfg": map_cfg, "permute": cfg.data.shuffle != "none", "draw": draw},
-        batch_size=EPOCH_MAP_ROWS,  # half a decoded block: measured faster steady, the 1st batch no sooner
-        batch_format="numpy",
-        num_cpus=cfg.data.num_cpus_per_map,
-        zero_copy_batch=True,
-    )
+    if cfg.data.shuffle == "none":
+        return decoded
+    # On materialised blocks this only permutes references: the per-epoch counterpart of the file shuffle.
+    return _randomize_block_order(decoded, seed)
+
+
+def _randomize_block_order(ds: ray.data.Dataset, seed: Any) -> ray.data.Dataset:
+    """`ds.randomize_block_order` seeded by `seed` (an `EpochBlockSeed`: train.seed and the clock's epoch).
+
+    Ray 2.60 rebuilds the seed config it is given as a plain RandomSeedConfig (create_seed_config), which drops
+    the clock: the block order then followed Ray's execution counter, so an epoch read twice (a resumed run,
+    a second dataset) came in another order (found by tests/jobs/test_ingest.py). The logical operator gets
+    the epoch-seeded config back here; it is what the physical plan reads when each execution starts.
+    """
+    out = ds.randomize_block_order(seed=seed)
+    op = out._logical_plan.dag
+    if type(op).__name__ != "RandomizeBlocks" or not hasattr(op, "seed_config"):
+        raise RuntimeError(f"randomize_block_order built {type(op).__name__}: this Ray's plan is not the one expected")
+    object.__setattr__(op, "seed_config", seed)  # a frozen dataclass
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def train_epoch(
     train_module.train()
     sums: dict[str, float] = {}
     steps = samples = 0
-    for batch in dataset.torch_batches(shard, batch_size, cfg, device=device):
+    for batch in dataset.torch_batches(shard, batch_size, cfg, epoch=epoch, device=device):
         images = batch["images"].to(device, non_blocking=True)  # (B, 3, S, S)
         # Captions come padded to max_seq_length; the decoder only needs the longest one in the batch.
         length = int(batch["caption_mask"].sum(1).max())

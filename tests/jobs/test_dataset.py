@@ -41,8 +41,9 @@ def _captions_by_id(shapes_coco, split: str) -> dict[int, list[str]]:
     return {i: [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[i]))] for i in coco.getImgIds()}
 
 
-def _epoch(ds) -> dict[str, torch.Tensor]:
-    batches = list(ds.iter_torch_batches(batch_size=32))
+def _epoch(ds, cfg, epoch: int = 1) -> dict[str, torch.Tensor]:
+    """One epoch of training batches (or validation ones: `cfg` None) as the training loop reads them."""
+    batches = list(torch_batches(ds, 32, cfg, epoch=epoch) if cfg else ds.iter_torch_batches(batch_size=32))
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -134,9 +135,9 @@ def test_train_dataset_epochs(prepared_shapes, shapes_coco):
     ds = build_train_dataset(prepared_shapes, cfg, clock=clock)
     captions = _captions_by_id(shapes_coco, "train")
     tok = ByteTokenizer(48)
-    epochs = [_epoch(ds)]
+    epochs = [_epoch(ds, cfg)]
     ray.get(clock.set.remote(2))  # what the training loop's rank 0 does before each epoch
-    epochs.append(_epoch(ds))
+    epochs.append(_epoch(ds, cfg, 2))
     for ep in epochs:
         assert sorted(ep["image_id"].tolist()) == sorted(captions)  # every image exactly once per epoch
         assert ep["images"].shape == (180, 3, 32, 32) and ep["images"].dtype == torch.float32
@@ -150,10 +151,10 @@ def test_train_dataset_epochs(prepared_shapes, shapes_coco):
     assert epochs[0]["image_id"].tolist() != epochs[1]["image_id"].tolist()
     # ... and are the same whenever that epoch comes round again (a resumed run), in a new dataset too.
     ray.get(clock.set.remote(1))
-    again = _epoch(build_train_dataset(prepared_shapes, cfg, clock=clock))
+    again = _epoch(build_train_dataset(prepared_shapes, cfg, clock=clock), cfg)
     assert all(torch.equal(again[k], epochs[0][k]) for k in epochs[0])
     other_seed = load_config("shapes", [*SHAPES_CFG, "--train.seed=1"])
-    assert _epoch(build_train_dataset(prepared_shapes, other_seed, clock=clock))["image_id"].tolist() != (
+    assert _epoch(build_train_dataset(prepared_shapes, other_seed, clock=clock), other_seed)["image_id"].tolist() != (
         epochs[0]["image_id"].tolist()
     )
     ray.kill(clock)
@@ -167,9 +168,9 @@ def test_train_dataset_epochs(prepared_shapes, shapes_coco):
 def test_train_dataset_holdout_and_cap(prepared_shapes):
     cfg = load_config("shapes", [*SHAPES_CFG, "--data.val_split=missing", "--data.num_samples=40"])
     ds = build_train_dataset(prepared_shapes, cfg)
-    first = _epoch(ds)["image_id"].tolist()
+    first = _epoch(ds, cfg)["image_id"].tolist()
     # The second epoch goes through the worker-side helper on a DataIterator (what get_dataset_shard returns).
-    batches = list(torch_batches(ds.iterator(), 8, cfg))
+    batches = list(torch_batches(ds.iterator(), 8, cfg, epoch=2))
     assert batches[0]["images"].shape == (8, 3, 32, 32) and batches[0]["caption_ids"].shape == (8, 48)
     second = torch.cat([b["image_id"] for b in batches]).tolist()
     all_ids = np.arange(1, 181)
@@ -181,7 +182,7 @@ def test_train_dataset_holdout_and_cap(prepared_shapes):
 @pytest.mark.ray
 def test_eval_dataset_yields_every_caption(prepared_shapes, shapes_coco):
     cfg = load_config("shapes", SHAPES_CFG)
-    ep = _epoch(build_eval_dataset(prepared_shapes, cfg))
+    ep = _epoch(build_eval_dataset(prepared_shapes, cfg), None)
     captions = _captions_by_id(shapes_coco, "val")
     assert ep["image_id"].tolist() == sorted(captions)  # id order, no shuffling
     assert ep["caption_ids"].shape == (36, 5, 48) and ep["num_captions"].tolist() == [5] * 36
@@ -192,7 +193,7 @@ def test_eval_dataset_yields_every_caption(prepared_shapes, shapes_coco):
     assert dict(by_id) == captions
 
     held = load_config("shapes", [*SHAPES_CFG, "--data.val_split=missing"])
-    held_ids = _epoch(build_eval_dataset(prepared_shapes, held))["image_id"].numpy()
+    held_ids = _epoch(build_eval_dataset(prepared_shapes, held), None)["image_id"].numpy()
     assert heldout_mask(held_ids, 0.1).all() and len(held_ids) == dataset_sizes(prepared_shapes, held)[1]
     assert (
         build_eval_dataset(prepared_shapes, load_config("shapes", ["--data.val_split=x", "--data.val_fraction=0"]))
@@ -205,13 +206,13 @@ def test_train_dataset_carries_instance_categories_when_the_objective_needs_them
     inst = COCO(str(shapes_coco / "annotations" / "instances_train.json"))
     expected = {i: {a["category_id"] for a in inst.loadAnns(inst.getAnnIds(imgIds=[i]))} for i in inst.getImgIds()}
     cfg = load_config("shapes", [*SHAPES_CFG, "--objective.category_weight=1", "--objective.num_categories=19"])
-    ep = _epoch(build_train_dataset(prepared_shapes, cfg))
+    ep = _epoch(build_train_dataset(prepared_shapes, cfg), cfg)
     assert ep["categories"].shape == (180, 19) and ep["categories"].dtype == torch.float32
     for image_id, row in zip(ep["image_id"].tolist(), ep["categories"], strict=True):
         assert set(torch.nonzero(row).flatten().tolist()) == expected[image_id] and row.sum() == 1
     # without the term the column is not read at all
     plain = load_config("shapes", [*SHAPES_CFG, "--objective.category_weight=0"])
-    assert "categories" not in next(iter(build_train_dataset(prepared_shapes, plain).iter_torch_batches(batch_size=4)))
+    assert "categories" not in next(torch_batches(build_train_dataset(prepared_shapes, plain), 4, plain, epoch=1))
 
 
 def test_category_checks_name_the_problem(prepared_shapes, tmp_path):

@@ -1,18 +1,24 @@
-"""data.ingest: a materialised training dataset yields what the streaming one does, reshuffled and redrawn per epoch."""
+"""data.ingest: a materialised training dataset yields what the streaming one does, reshuffled and redrawn per epoch,
+the per-epoch draws made on the worker (`torch_batches`) exactly as a per-epoch Ray Data map made them."""
 
 from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
+from jobs import dataset
+from jobs.batches import EPOCH_MAP_ROWS, Draw, MapConfig, train_batch
 from jobs.dataset import (
     CAPTION_BYTES_PER_ROW,
     build_train_dataset,
     choose_ingest,
     decoded_nbytes,
     epoch_clock,
+    heldout_mask,
+    plan_training,
     torch_batches,
 )
 from model.config import ConfigError, load_config
@@ -21,10 +27,9 @@ from model.tokenizer import ByteTokenizer
 SHAPES_CFG = ["--model.image_size=32", "--model.max_seq_length=48"]
 
 
-def _epoch(ds, cfg=None) -> dict[str, torch.Tensor]:
-    """One epoch, through the training loop's `torch_batches` (zero-copy collate) when given its config,
-    else through Ray's default Arrow collate."""
-    batches = list(torch_batches(ds, 32, cfg) if cfg else ds.iter_torch_batches(batch_size=32))
+def _epoch(ds, cfg, epoch: int = 1) -> dict[str, torch.Tensor]:
+    """One epoch through the training loop's `torch_batches`."""
+    batches = list(torch_batches(ds, 32, cfg, epoch=epoch))
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -54,7 +59,7 @@ def test_materialized_epochs_match_streaming_and_vary(prepared_shapes, tmp_path)
     extra = ["--objective.category_weight=1", "--objective.num_categories=19"]
     clock = epoch_clock()
     stream_cfg = load_config("shapes", [*SHAPES_CFG, *extra, "--data.ingest=stream"])
-    reference = _epoch(build_train_dataset(prepared_shapes, stream_cfg, clock=clock))
+    reference = _epoch(build_train_dataset(prepared_shapes, stream_cfg, clock=clock), stream_cfg)
     cfg = load_config("shapes", [*SHAPES_CFG, *extra, "--data.ingest=materialize"])
     copy = tmp_path / "prepared"
     shutil.copytree(prepared_shapes, copy)
@@ -63,9 +68,9 @@ def test_materialized_epochs_match_streaming_and_vary(prepared_shapes, tmp_path)
     epochs = []
     for epoch in (1, 2, 3):
         ray.get(clock.set.remote(epoch))  # what the training loop's rank 0 does before each epoch
-        epochs.append(_epoch(mat, cfg))
+        epochs.append(_epoch(mat, cfg, epoch))
     ray.get(clock.set.remote(2))
-    again = _epoch(mat, cfg)  # an epoch that comes round again (a resumed run) sees the same data
+    again = _epoch(mat, cfg, 2)  # an epoch that comes round again (a resumed run) sees the same data
     ray.kill(clock)
     assert all(torch.equal(again[k], epochs[1][k]) for k in again)
     tok = ByteTokenizer(48)
@@ -99,9 +104,55 @@ def test_materialized_without_shuffle_keeps_the_order_but_redraws(prepared_shape
     cfg = load_config("shapes", [*SHAPES_CFG, "--data.ingest=materialize", "--data.shuffle=none"])
     clock = epoch_clock()
     ds = build_train_dataset(prepared_shapes, cfg, clock=clock)
-    a = _epoch(ds)
+    a = _epoch(ds, cfg, 1)
     ray.get(clock.set.remote(2))
-    b = _epoch(ds)
+    b = _epoch(ds, cfg, 2)
     ray.kill(clock)
     assert a["image_id"].tolist() == b["image_id"].tolist() == sorted(a["image_id"].tolist())
     assert not torch.equal(a["caption_ids"], b["caption_ids"])
+
+
+@pytest.mark.ray
+def test_worker_side_draws_are_the_per_epoch_map_batches(prepared_shapes, monkeypatch):
+    """The materialised set's per-epoch part runs on the worker, not in a Ray Data map; its batches are bit for
+    bit those such a map (batch size EPOCH_MAP_ROWS, seeded by the clock's epoch) makes of the same blocks,
+    so the golden loss curve and resumed runs did not move. Decoded blocks of 48-59 rows (decode calls of 40
+    rows over 64-row shards, 10% held out) make the map's tasks gather several blocks, the case a per-block draw
+    would get wrong. Each epoch's block order is seeded by the clock's epoch, not by how often the set was read."""
+    import ray
+
+    monkeypatch.setattr(dataset, "MAP_BATCH_ROWS", 40)
+    cfg = load_config("shapes", [*SHAPES_CFG, "--data.ingest=materialize", "--data.val_split=missing"])
+    clock = epoch_clock()
+    ds = build_train_dataset(prepared_shapes, cfg, clock=clock)
+    rows = int((~heldout_mask(np.arange(1, 181), 0.1)).sum())  # 165 of the 180 training images
+    sizes = [len(b["image_id"]) for b in ds.iter_batches(batch_size=None)]
+    assert len(sizes) >= 3 and max(sizes) < EPOCH_MAP_ROWS and sum(sizes) == rows
+    with pytest.raises(ValueError, match="materialised training set is drawn per epoch: pass the epoch"):
+        next(torch_batches(ds, 32, cfg))
+    per_epoch_map = ds.map_batches(
+        train_batch,
+        fn_kwargs={
+            "plan": plan_training(prepared_shapes, cfg).rows,
+            "cfg": MapConfig.from_config(cfg),
+            "permute": True,
+            "draw": Draw(cfg.train.seed, clock),
+        },
+        batch_size=EPOCH_MAP_ROWS,
+        batch_format="numpy",
+        zero_copy_batch=True,
+    )
+    seen = {}
+    for epoch in (1, 2, 1):
+        ray.get(clock.set.remote(epoch))
+        mine = list(torch_batches(ds, 32, cfg, epoch=epoch))
+        ids = torch.cat([b["image_id"] for b in mine]).tolist()
+        assert seen.setdefault(epoch, ids) == ids  # an epoch read again: the same blocks in the same order
+        theirs = list(per_epoch_map.iter_batches(batch_size=32, batch_format="numpy"))
+        assert [len(b["image_id"]) for b in mine] == [32] * (rows // 32) + [rows % 32]
+        assert len(mine) == len(theirs) and all(b.keys() == t.keys() for b, t in zip(mine, theirs, strict=True))
+        for b, t in zip(mine, theirs, strict=True):
+            for key in b:
+                np.testing.assert_array_equal(b[key].numpy(), t[key])
+    assert seen[1] != seen[2]
+    ray.kill(clock)
