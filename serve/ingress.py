@@ -8,13 +8,12 @@
     GET  /healthz     liveness, no auth, never waits for model work;  /docs and /openapi.json for the API
 
 Every failure is an `ApiError` (or a framework error given the same shape) with a precise status and a JSON
-body `{"error": code, "detail": message}` (serve/errors.py); the ingress and both deployments keep serving
+body `{"error": code, "detail": message}` (serve/errors.py); the ingress and the decoder keep serving
 afterwards. Overload is shed first in Serve's proxy (serve/proxy_gate.py: no hop to this replica, and the
 proxy's own errors get the same JSON shape), then here: at most `max_inflight_requests` model requests per
 ingress replica, the rest get 503 at once, with a Retry-After of the recent time an admitted request takes
-(serve/admission.py). A decoder
-replica that dies mid-request is retried once on another replica (decoding is idempotent), then answered
-with 503 + Retry-After (serve/stages.py).
+(serve/admission.py). A decoder replica that dies mid-request is retried once on another replica (decoding
+is idempotent), then answered with 503 + Retry-After (serve/stages.py).
 
 The image is encoded where it arrives: this replica holds the encoder (serve.deployments.PlanEncoder) and
 runs on an encoder node, so the only hop inside the app is the plan's, to a decoder node. A separate encoder
