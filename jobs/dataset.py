@@ -8,7 +8,8 @@
 
 The pieces it is built from, each in its own module and re-exported here for the callers:
     jobs/shards.py     manifests, splits, the hold-out rule, which rows a dataset reads (DataError)
-    jobs/batches.py    what each row becomes (decode, caption draw, tokenise): the map transforms
+    jobs/batches.py    what each row becomes (decode, caption draw, tokenise): the map transforms, and the
+                       worker-side per-epoch draws of a materialised set (epoch_batches)
     jobs/eval_set.py   the plain reader (pyarrow only): load_split / load_eval_split -> EvalSet
 
 Shuffling, measured by `python -m benchmarks.data` (figures in benchmarks/RESULTS.md): `data.shuffle=file`

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jobs import dataset
-from jobs.batches import EPOCH_MAP_ROWS, Draw, MapConfig, train_batch
+from jobs.batches import EPOCH_MAP_ROWS, Draw, MapConfig, draw_rows, epoch_batches, train_batch
 from jobs.dataset import (
     CAPTION_BYTES_PER_ROW,
     build_train_dataset,
@@ -156,3 +156,45 @@ def test_worker_side_draws_are_the_per_epoch_map_batches(prepared_shapes, monkey
                 np.testing.assert_array_equal(b[key].numpy(), t[key])
     assert seen[1] != seen[2]
     ray.kill(clock)
+
+
+def test_epoch_batches_gather_blocks_like_a_map_task_and_rebatch_across_them():
+    """No Ray: decoded blocks of 100 and 60 rows are one map task's input (>= EPOCH_MAP_ROWS together), cut into
+    draws of 128 + 32 rows, then batches of 48 across the draws' boundary; the second block's caption lists have
+    uneven lengths (an object column) while the first's all have 5 (a 2-D column), as Ray hands them over."""
+    size, rng = 8, np.random.default_rng(0)
+    cfg = MapConfig(image_size=size, max_seq_length=16, max_caption_chars=20, num_categories=0)
+
+    def block(first: int, n: int, ragged: bool) -> dict[str, np.ndarray]:
+        caps = [[f"img {first + i} cap {k}" for k in range(5 - (i % 3 if ragged else 0))] for i in range(n)]
+        column = np.empty(n, dtype=object) if ragged else np.array(caps)
+        if ragged:
+            column[:] = [np.array(c) for c in caps]
+        pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        return {"image_id": np.arange(first, first + n, dtype=np.int64), "pixels": pixels, "captions": column}
+
+    blocks = [block(1, 100, False), block(101, 60, True)]
+    got = list(epoch_batches(blocks, 48, cfg=cfg, permute=True, seed=3, epoch=2))
+    assert [len(b["image_id"]) for b in got] == [48, 48, 48, 16]
+    whole = {
+        k: np.concatenate([b[k] for b in blocks]) if k != "captions" else [c for b in blocks for c in b[k]]
+        for k in blocks[0]
+    }
+    want = [
+        draw_rows(
+            {k: v[s : s + EPOCH_MAP_ROWS] for k, v in whole.items()},
+            np.arange(n),
+            cfg=cfg,
+            permute=True,
+            seed=3,
+            epoch=2,
+        )
+        for s, n in ((0, 128), (128, 32))
+    ]
+    for key in want[0]:
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in got]), np.concatenate([w[key] for w in want]))
+    drawn = {
+        int(i): ByteTokenizer(16).decode(c) for i, c in zip(got[0]["image_id"], got[0]["caption_ids"], strict=True)
+    }
+    assert all(text.startswith(f"img {i} cap") for i, text in drawn.items())
+    assert list(epoch_batches([], 48, cfg=cfg, permute=True, seed=3, epoch=None)) == []
