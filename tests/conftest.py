@@ -84,6 +84,8 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
+    if not ray.is_initialized():  # the cluster tests (tests/cluster/conftest.py) already shut it down
+        return
     try:
         from ray import serve
 

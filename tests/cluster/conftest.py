@@ -108,8 +108,7 @@ def local_cluster() -> Iterator[LocalCluster]:
     import ray
     from ray.cluster_utils import Cluster
 
-    was_connected = ray.is_initialized()
-    if was_connected:  # the single-node `ray_local` of the tests that ran before
+    if ray.is_initialized():  # the single-node `ray_local` of the tests that ran before
         try:
             from ray import serve
 
@@ -149,10 +148,8 @@ def local_cluster() -> Iterator[LocalCluster]:
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-        if was_connected:
-            # `ray_local`'s own teardown runs after this one and calls serve.shutdown(), which would otherwise
-            # ray.init() a fresh Ray (or try the dead cluster's address): give it a small local instance instead.
-            ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        # Nothing is started again for `ray_local`'s teardown: it skips when Ray is no longer initialised
+        # (a serve.shutdown() there would otherwise ray.init() a fresh Ray or try the dead cluster's address).
 
 
 def actor_nodes(class_name_part: str) -> list[str]:
