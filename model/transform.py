@@ -164,8 +164,12 @@ def normalize_uint8(arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a (B, H, W, 3) uint8 array, got {arr.shape} {arr.dtype}")
     scale = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)  # (3,)
     shift = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)  # (3,)
-    out = arr.astype(np.float32) * scale - shift  # (B, H, W, 3)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # (B, 3, H, W)
+    # Transpose the uint8 input (1 byte an element) rather than the float result, then scale in place: the
+    # same float32 operations element by element (bit-identical), ~4x faster than transposing floats.
+    out = np.ascontiguousarray(arr.transpose(0, 3, 1, 2)).astype(np.float32)  # (B, 3, H, W)
+    out *= scale[:, None, None]
+    out -= shift[:, None, None]
+    return out
 
 
 def to_tensor(img: Image.Image) -> Tensor:
