@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +104,10 @@ def serve_fixtures(tmp_path_factory: pytest.TempPathFactory) -> ServeFixtures:
     return ServeFixtures(model=model, other=other, images=images, expected=expected)
 
 
-def register_in_mlflow(tmp: Path, checkpoint: Path, name: str) -> tuple[str, str]:
-    """Log the checkpoint to a sqlite-backed MLflow and register it; returns (tracking URI, models:/ URI)."""
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+def register_in_mlflow(tmp: Path, checkpoint: Path, name: str, store: Callable[[Path], str]) -> tuple[str, str]:
+    """Log the checkpoint to a sqlite-backed MLflow (made by the `mlflow_store` fixture) and register it;
+    returns (tracking URI, models:/ URI)."""
+    uri = store(tmp / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("serve-test", artifact_location=(tmp / "artifacts").as_uri())
     run = client.create_run(experiment)

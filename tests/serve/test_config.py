@@ -60,9 +60,9 @@ def test_bad_args_are_rejected_at_build_time() -> None:
 
 
 @pytest.fixture(scope="module")
-def deployed(serve_url: str, serve_fixtures: ServeFixtures, tmp_path_factory: pytest.TempPathFactory):
+def deployed(serve_url: str, serve_fixtures: ServeFixtures, tmp_path_factory: pytest.TempPathFactory, mlflow_store):
     tracking_uri, model_uri = register_in_mlflow(
-        tmp_path_factory.mktemp("mlflow"), serve_fixtures.model.path, MODEL_NAME
+        tmp_path_factory.mktemp("mlflow"), serve_fixtures.model.path, MODEL_NAME, mlflow_store
     )
     config = copy.deepcopy(shipped_config())
     app = config["applications"][0]

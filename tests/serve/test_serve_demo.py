@@ -44,8 +44,11 @@ def run_demo(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.ray  # its own local Ray in the demo's process
 @pytest.mark.slow
-def test_serve_demo_captions_the_held_out_image_over_http(serve_fixtures: ServeFixtures, tmp_path: Path) -> None:
-    tracking_uri, model_uri = register_in_mlflow(tmp_path / "mlflow", serve_fixtures.model.path, "demo-captioner")
+def test_serve_demo_captions_the_held_out_image_over_http(
+    serve_fixtures: ServeFixtures, tmp_path: Path, mlflow_store
+) -> None:
+    model_path = serve_fixtures.model.path
+    tracking_uri, model_uri = register_in_mlflow(tmp_path / "mlflow", model_path, "demo-captioner", mlflow_store)
     image = tmp_path / "held_out.png"
     image.write_bytes(serve_fixtures.images["blue"])
     run_file = tmp_path / "LAST_RUN.json"
