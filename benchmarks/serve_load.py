@@ -196,8 +196,8 @@ def seed_checkpoint(folder: Path) -> Path:
 def fused_deployment():
     """One deployment doing image -> plan -> bytes -> plan -> caption in-process: the no-split baseline.
 
-    It batches like the shipped deployments (the same user_config, the batch run inline on the replica's loop),
-    so the split path differs from it by the hops and nothing else.
+    It batches like the shipped encoder (the Ingress's user_config: a lone request waits out the same timer
+    once), the batch run inline on the replica's loop as the decoder's is.
     """
     from ray import serve
 
@@ -264,6 +264,7 @@ def single_ingress(path: Path):
     args = shipped_config(model=str(path)).app_args
     options = args["deployment_options"]
     decoder_args, settings, encoder = replica_args(AppArgs.model_validate(args))  # what build_app binds
+    decoder_batching = dict(options["PlanDecoder"]["user_config"])
 
     class Single(Ingress.func_or_class):
         async def __init__(self, decoder_args: dict[str, Any], settings: dict[str, Any], encoder: dict[str, Any]):
@@ -272,8 +273,8 @@ def single_ingress(path: Path):
             await super().__init__(unused, settings, encoder)
 
         def reconfigure(self, user_config: dict[str, Any]) -> None:
-            super().reconfigure(user_config)
-            self.local.reconfigure(user_config)  # the same batching for both halves
+            super().reconfigure(user_config)  # the encoder's batching, as the split app's Ingress
+            self.local.reconfigure(decoder_batching)  # the decoder's, as the split app's PlanDecoder
 
         async def _decode(self, plan: bytes, max_new_tokens: int, temperature: float) -> str:
             return stages.checked(await self.local.decode(plan, max_new_tokens, temperature))
@@ -309,10 +310,13 @@ def split_app(path: Path, batch: int | None = None):
 
 
 def shipped_batching() -> dict[str, Any]:
-    """The decoder's user_config in serve/config.yaml (max_batch_size, batch_wait_timeout_s)."""
+    """The Ingress's (the encoder's) user_config in serve/config.yaml (max_batch_size, batch_wait_timeout_s).
+
+    The minimal route's one batch starts at the image, as the encoder's does, so it takes the encoder's wait.
+    """
     from serve.app import shipped_config
 
-    return dict(shipped_config().app_args["deployment_options"]["PlanDecoder"]["user_config"])
+    return dict(shipped_config().app_args["deployment_options"]["Ingress"]["user_config"])
 
 
 @contextmanager

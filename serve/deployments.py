@@ -18,9 +18,11 @@ shedding requests meanwhile. The decoder's batch runs on its replica's user-code
 thread, the Python-heavy generation loop held the GIL against the thread that admits requests, so batches
 stayed at 1-3 requests under 32 concurrent clients (1.2x from batching); run inline, requests pile up while
 a batch computes and the next batch takes them all (3.4-4x, benchmarks/RESULTS.md). For the same reason
-batches need no wait timer (`batch_wait_timeout_s` 0): under load they fill from the queue that built up
-during the last batch, while a lone request would sit the timer out. Batch sizes come from `user_config`
-and are applied in `reconfigure()`, so `serve deploy` can change them without restarting replicas.
+the decoder needs no wait timer (`batch_wait_timeout_s` 0): under load its batches fill from the queue that
+built up during the last one. The encoder's do not: its requests reach the batch queue one at a time, each
+after its HTTP handling and image decode on the busy replica, so without a wait its batches held 1-2 images
+under 32 clients; serve/config.yaml gives it a few ms. Batch sizes and waits come from `user_config` and are
+applied in `reconfigure()`, so `serve deploy` can change them without restarting replicas.
 """
 
 from __future__ import annotations
