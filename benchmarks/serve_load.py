@@ -469,10 +469,18 @@ def scenarios(
     """Batching on/off at N clients and the paired split-vs-single latency, on the Ray this process is joined to."""
     from ray import serve
 
+    from serve.app import shipped_config
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})  # as shipped
+    # serve/config.yaml's proxy placement and the proxies' gate (controller_options), on a free loopback port
+    shipped = shipped_config()
+    serve.start(
+        proxy_location=shipped.proxy_location,
+        http_options={"host": "127.0.0.1", "port": port},
+        controller_options=shipped.controller_options,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def run(name: str, concurrency: int, requests: int) -> Result:
