@@ -1,7 +1,7 @@
 """The log's Run 0 as a learning curve, in one process: the production recipe, without Ray's orchestration.
 
     python -m benchmarks.run0 [--steps N] [--per-class 400] [--eval-every 500] [--stop-on-train N]
-                              [--section.key=value ...]
+                              [--json PATH] [--section.key=value ...]
 
 Draws the synthetic shapes set in memory with `jobs.make_shapes` (exactly the images it writes) and keeps each
 image as the PNG bytes `jobs.prepare --image-format png` stores. Training runs the production pieces: every
@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import random
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -226,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--check-every", type=int, default=125)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="PATH", help="also write the evaluation rows to PATH as a JSON list")
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, overrides)
@@ -233,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"preset {args.preset} {' '.join(overrides)}: {args.steps or 'all'} steps of {cfg.train.batch_size}, "
         f"{args.per_class * 18} train / {args.val_per_class * 18} held-out images, {args.threads} threads"
     )
-    run(
+    history = run(
         cfg,
         steps=args.steps,
         per_class=args.per_class,
@@ -242,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_on_train=args.stop_on_train,
         check_every=args.check_every,
     )
+    if args.json:
+        Path(args.json).write_text(json.dumps(history, indent=1) + "\n")
     return 0
 
 

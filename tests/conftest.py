@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,48 +32,105 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # threads then spin against each other (60 Run-0 steps: 14 s on one thread, 109 s on two with another process
 # busy). Ray Train workers and Serve replicas set their own counts.
 TEST_THREADS = 1
-# A test marked `solo` runs first in the session (pytest_collection_modifyitems), while the test process is the
-# only one working, and gets both cores: the Run-0 test took 115 s on two threads instead of 202 s on one
-# (`benchmarks.run0 --steps 125 --eval-every 125 --train.epochs=5`: 20 s vs 32 s, load 0.3).
-SOLO_THREADS = 2
 torch.set_num_threads(TEST_THREADS)
 
 
-def _children_alive() -> list[int]:
-    """Pids of this process's live descendants (Ray's raylet, GCS, workers, a subprocess a test left), from /proc."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
-        found += sorted(frontier)
-    return found
-
-
-def _alone() -> bool:
-    """True when nothing this session started is still running: no Ray in this process, no child process.
-    Two torch threads are only faster while no other process of ours competes for the 2 cores (with one busy,
-    60 Run-0 steps took 109 s instead of 14 s), so a solo test that finds one (a plugin reordered the tests, a
-    conftest started Ray at import) keeps one thread: slower, and on another float trajectory."""
-    ray = sys.modules.get("ray")
-    return not (ray is not None and ray.is_initialized()) and not _children_alive()
-
-
 @pytest.fixture(autouse=True)
-def _torch_threads(request: pytest.FixtureRequest):
+def _torch_threads():
     """Every test starts with TEST_THREADS, whatever ran before it: a command called in-process (e.g.
     `benchmarks.wire.main(["--threads", "2"])`) sets torch's process-wide count and leaves it, so a test's
-    speed depended on which tests ran first. A `solo` test gets SOLO_THREADS when nothing else of ours runs."""
-    solo = request.node.get_closest_marker("solo") is not None and _alone()
-    torch.set_num_threads(SOLO_THREADS if solo else TEST_THREADS)
+    speed depended on which tests ran first."""
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(TEST_THREADS)
+
+
+# ---------------------------------------------------------------------------
+# Background tests: `@pytest.mark.background(module, *args)` runs `python -m module *args` in a child process
+# started when collection ends, at the lowest CPU priority, while the rest of the session runs; the test itself
+# runs last and checks what the command left ("{out}" in an argument is the command's own output folder).
+# The session's Ray tests keep 0.4-0.8 of the two cores idle on average (process start-up, polls, HTTP
+# round trips); a single-threaded CPU-bound command at nice 19 takes that idle time and yields to everything
+# else. The Run-0 quality test is one: ~200 s of training on one thread that used to run alone.
+BACKGROUND_NICE = 19
+BACKGROUND_WAIT_S = 540  # the longest a background test waits for its command (under pytest-timeout's 600 s)
+
+
+@dataclass
+class BackgroundRun:
+    """A background test's command: its process, output folder and log (stdout and stderr together)."""
+
+    argv: list[str]
+    proc: subprocess.Popen
+    out: Path
+    log: Path
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the command (killed after `timeout` s) and return its exit status."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+_BACKGROUND = pytest.StashKey[BackgroundRun]()
+
+
+def _start_background(item: pytest.Item, marker: pytest.Mark) -> BackgroundRun:
+    out = Path(tempfile.mkdtemp(prefix=f"bg-{item.name[:40]}-"))
+    argv = [sys.executable, "-m", *(str(a).format(out=out) for a in marker.args)]
+    log = out / "command.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT
+        )
+    with contextlib.suppress(ProcessLookupError):  # the command already ended: its exit status says why
+        os.setpriority(os.PRIO_PROCESS, proc.pid, BACKGROUND_NICE)
+    return BackgroundRun(argv, proc, out, log)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the command of every selected background test (none under --collect-only)."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            item.stash[_BACKGROUND] = _start_background(item, marker)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop a background command whose test never ran (-x, an interrupt) and remove its output folder."""
+    for item in session.items:
+        run = item.stash.get(_BACKGROUND, None)
+        if run is None:
+            continue
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        shutil.rmtree(run.out, ignore_errors=True)
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> BackgroundRun:
+    """The test's finished background command (started now if collection did not start it)."""
+    marker = request.node.get_closest_marker("background")
+    assert marker is not None, "the `background` fixture belongs to a test marked @pytest.mark.background(...)"
+    run = request.node.stash.get(_BACKGROUND, None) or _start_background(request.node, marker)
+    request.node.stash[_BACKGROUND] = run
+    try:
+        run.finish(BACKGROUND_WAIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"{' '.join(run.argv)} still ran {BACKGROUND_WAIT_S} s after the test began; killed.\n{run.log_tail()}"
+        )
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +182,9 @@ def mlflow_store(_mlflow_template):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that reaches the session's Ray through any fixture is a Ray test, marked or not, so the fast
-    tier (`make test-fast`: -m "not ray and not slow") never starts Ray. `solo` tests run first, before any
-    test has started Ray or a subprocess (the order of everything else is kept)."""
+    tier (`make test-fast`: -m "not ray and not slow") never starts Ray. Background tests run last, when their
+    command had the whole session to finish (the order of everything else is kept)."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.ray)
-    items.sort(key=lambda item: item.get_closest_marker("solo") is None)  # stable: only the solo tests move
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # stable
