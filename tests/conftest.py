@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,92 +41,16 @@ def _torch_threads():
     torch.set_num_threads(TEST_THREADS)
 
 
-# ---------------------------------------------------------------------------
-# Background tests: `@pytest.mark.background(module, *args)` runs `python -m module *args` in a child process
-# started when collection ends, at the lowest CPU priority, while the rest of the session runs; the test itself
-# runs last and checks what the command left ("{out}" in an argument is the command's own output folder).
-# The session's Ray tests keep 0.4-0.8 of the two cores idle on average (process start-up, polls, HTTP
-# round trips); a single-threaded CPU-bound command at nice 19 takes that idle time and yields to everything
-# else. The Run-0 quality test is one: ~200 s of training on one thread that used to run alone.
-BACKGROUND_NICE = 19
-BACKGROUND_WAIT_S = 540  # the longest a background test waits for its command (under pytest-timeout's 600 s)
+# Background tests (`@pytest.mark.background`): tests/background_commands.py, whose hooks and fixture pytest
+# finds through these names.
+from background_commands import (  # noqa: E402
+    background,  # noqa: F401
+    pytest_collection_finish,  # noqa: F401
+    pytest_sessionfinish,  # noqa: F401
+    run_background_tests_last,
+)
 
-
-@dataclass
-class BackgroundRun:
-    """A background test's command: its process, output folder and log (stdout and stderr together)."""
-
-    argv: list[str]
-    proc: subprocess.Popen
-    out: Path
-    log: Path
-
-    def finish(self, timeout: float) -> int:
-        """Wait for the command (killed after `timeout` s) and return its exit status."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
-_BACKGROUND = pytest.StashKey[BackgroundRun]()
-
-
-def _start_background(item: pytest.Item, marker: pytest.Mark) -> BackgroundRun:
-    out = Path(tempfile.mkdtemp(prefix=f"bg-{item.name[:40]}-"))
-    argv = [sys.executable, "-m", *(str(a).format(out=out) for a in marker.args)]
-    log = out / "command.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT
-        )
-    with contextlib.suppress(ProcessLookupError):  # the command already ended: its exit status says why
-        os.setpriority(os.PRIO_PROCESS, proc.pid, BACKGROUND_NICE)
-    return BackgroundRun(argv, proc, out, log)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the command of every selected background test (none under --collect-only)."""
-    if session.config.option.collectonly:
-        return
-    for item in session.items:
-        marker = item.get_closest_marker("background")
-        if marker is not None:
-            item.stash[_BACKGROUND] = _start_background(item, marker)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop a background command whose test never ran (-x, an interrupt) and remove its output folder."""
-    for item in session.items:
-        run = item.stash.get(_BACKGROUND, None)
-        if run is None:
-            continue
-        if run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait()
-        shutil.rmtree(run.out, ignore_errors=True)
-
-
-@pytest.fixture
-def background(request: pytest.FixtureRequest) -> BackgroundRun:
-    """The test's finished background command (started now if collection did not start it)."""
-    marker = request.node.get_closest_marker("background")
-    assert marker is not None, "the `background` fixture belongs to a test marked @pytest.mark.background(...)"
-    run = request.node.stash.get(_BACKGROUND, None) or _start_background(request.node, marker)
-    request.node.stash[_BACKGROUND] = run
-    try:
-        run.finish(BACKGROUND_WAIT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(
-            f"{' '.join(run.argv)} still ran {BACKGROUND_WAIT_S} s after the test began; killed.\n{run.log_tail()}"
-        )
-    return run
+pytest_plugins = ["pytester"]  # tests/infra/test_background.py runs small pytest sessions with those hooks
 
 
 @pytest.fixture(scope="session")
@@ -187,4 +107,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.ray)
-    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # stable
+    run_background_tests_last(items)
