@@ -1,6 +1,7 @@
-"""Background tests (tests/background_commands.py) in small pytest sessions of their own: the command runs niced
-while the other tests run, its test runs last and sees its exit status and output, a failing command fails its
-test with the command's log, a deselected background test starts nothing, and the output folder is removed."""
+"""Background tests (tests/background_commands.py) in small pytest sessions of their own: the command runs under
+SCHED_IDLE while the other tests run, its test runs last and sees its exit status and output, a failing command
+fails its test with the command's log, a deselected background test starts nothing, and the output folder is
+removed."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def pytest_collection_modifyitems(config, items):
     run_background_tests_last(items)
 """
 
-# A command (`python -m bg_probe OUT STATUS`): writes its niceness to OUT, records that it ran, exits with STATUS.
+# A command (`python -m bg_probe OUT STATUS`): writes to OUT whether it runs under SCHED_IDLE, records that it
+# ran, exits with STATUS.
 PROBE = """
 import os, sys
 from pathlib import Path
-Path(sys.argv[1]).write_text(str(os.nice(0)))
+Path(sys.argv[1]).write_text(str(os.sched_getscheduler(0) == os.SCHED_IDLE))
 (Path(__file__).parent / "ran").open("a").write(sys.argv[1] + "\\n")
 print("probe says goodbye with", sys.argv[2])
 sys.exit(int(sys.argv[2]))
@@ -37,18 +39,18 @@ import pytest
 
 ORDER = []
 
-@pytest.mark.background("bg_probe", "{out}/nice.txt", "0")
+@pytest.mark.background("bg_probe", "{out}/idle.txt", "0")
 def test_good(background):
     assert ORDER == ["plain"]  # ran last although defined first
     assert background.proc.returncode == 0
-    assert (background.out / "nice.txt").read_text() == "19"
+    assert (background.out / "idle.txt").read_text() == "True"
     assert "goodbye with 0" in background.log.read_text()
     (Path(__file__).parent / "out_folder").write_text(str(background.out))
 
 def test_plain():
     ORDER.append("plain")
 
-@pytest.mark.background("bg_probe", "{out}/nice.txt", "3")
+@pytest.mark.background("bg_probe", "{out}/idle.txt", "3")
 def test_bad(background):
     assert background.proc.returncode == 0, background.log_tail()
 """
