@@ -11,7 +11,7 @@ click at the same ~800 steps but decay later), stopped by a criterion on TRAININ
 The held-out split is evaluated once, at that step. benchmarks/RESULTS.md "Run 0" has the curves.
 
 The run is `python -m benchmarks.run0` itself, started as a background command when collection ends
-(tests/background_commands.py: one torch thread, nice 19, on the idle CPU the session's Ray tests leave; ~200 s
+(tests/background_commands.py: one torch thread, SCHED_IDLE, on the idle CPU the session's Ray tests leave; ~200 s
 alone); the test runs last and reads its rows. One thread always: the thread count changes the float sums and so the
 trajectory, and a count that followed what else ran (the solo two-thread scheme before) made the stopping step
 depend on it. Seed 0 on one thread passes the training check at step 1,000 (the checks before it fail), hence
