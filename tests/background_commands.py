@@ -37,15 +37,6 @@ class BackgroundRun:
     out: Path
     log: Path
 
-    def finish(self, timeout: float) -> int:
-        """Wait for the command (killed after `timeout` s) and return its exit status."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -100,14 +91,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture
 def background(request: pytest.FixtureRequest) -> BackgroundRun:
-    """The test's finished background command (started now if collection did not start it)."""
-    marker = request.node.get_closest_marker("background")
-    assert marker is not None, "the `background` fixture belongs to a test marked @pytest.mark.background(...)"
-    run = request.node.stash.get(_BACKGROUND, None) or _start_background(request.node, marker)
-    request.node.stash[_BACKGROUND] = run
+    """The test's finished background command (started by pytest_collection_finish)."""
+    run = request.node.stash.get(_BACKGROUND, None)
+    assert run is not None, "the `background` fixture belongs to a test marked @pytest.mark.background(...)"
     try:
-        run.finish(BACKGROUND_WAIT_S)
+        run.proc.wait(timeout=BACKGROUND_WAIT_S)
     except subprocess.TimeoutExpired:
+        run.proc.kill()  # pytest_sessionfinish reaps it and removes its folder
         pytest.fail(
             f"{' '.join(run.argv)} still ran {BACKGROUND_WAIT_S} s after the test began; killed.\n{run.log_tail()}"
         )
